@@ -1,0 +1,42 @@
+"Building, saving and loading the tiny model through the same loader as real checkpoints."
+import pytest
+import torch
+from sd_lora.models import tiny_sd_pipeline, load_components, load_pipeline, TINY_SD, resolve_model
+
+
+def _params(module):
+    return {k: v.detach() for k, v in module.state_dict().items()}
+
+
+def test_save_load_round_trip(tmp_path):
+    pipe = tiny_sd_pipeline(seed=3)
+    pipe.save_pretrained(tmp_path)
+    m = load_components(str(tmp_path))
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = _params(getattr(pipe, name)), _params(getattr(m, name))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert m.noise_scheduler.config.beta_schedule == "scaled_linear"
+    out = load_pipeline(str(tmp_path))
+    assert torch.equal(out.unet.conv_in.weight, pipe.unet.conv_in.weight)
+
+
+def test_embedded_default_is_a_saved_folder():
+    path = resolve_model(TINY_SD)
+    assert (resolve_model(None) == path) and path.endswith("tiny-sd-v1")
+    assert torch.equal(load_components(path).unet.conv_in.weight, tiny_sd_pipeline().unet.conv_in.weight)
+
+
+def test_seeds_give_different_weights():
+    assert not torch.equal(tiny_sd_pipeline(0).unet.conv_in.weight, tiny_sd_pipeline(1).unet.conv_in.weight)
+
+
+@pytest.mark.parametrize("bad", ["/no/such/model", "./missing-model"])
+def test_missing_model_folder_names_the_path(bad):
+    with pytest.raises(FileNotFoundError, match=bad.lstrip("./")):
+        load_components(bad)
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load_pipeline(str(tmp_path))
