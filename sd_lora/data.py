@@ -166,6 +166,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         item = preprocess_image(row[self.image_column], rng=rng, **self.kw)
         item["caption"] = pick_caption(row[self.caption_column], rng)
         item["input_ids"] = tokenize(self.tokenizer, [item["caption"]])[0]
+        item["index"] = i
         return item
 
 def collate(items: list[dict]) -> dict:
@@ -173,5 +174,6 @@ def collate(items: list[dict]) -> dict:
     return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
             "input_ids": torch.stack([it["input_ids"] for it in items]),
             "captions": [it["caption"] for it in items],
+            "indices": torch.tensor([it["index"] for it in items]),
             "original_sizes": [it["original_size"] for it in items],
             "crop_top_lefts": [it["crop_top_left"] for it in items]}

@@ -6,8 +6,7 @@
 from __future__ import annotations
 import torch
 from accelerate import notebook_launcher
-from accelerate.state import AcceleratorState
-from .train import TrainConfig, train
+from .train import TrainConfig, train, forget_accelerate_state
 
 # %% auto #0
 __all__ = ['launch_train']
@@ -19,7 +18,5 @@ def launch_train(cfg: TrainConfig, # the run; set `cpu=True` for CPU processes
                  fn=None, # the function each process calls with `cfg` (default: `train`)
                 ):
     "Start `fn(cfg)` (default `train`) in `num_processes` processes from a notebook."
-    # A run finished earlier in this kernel leaves accelerate's process-wide state set, and notebook_launcher
-    # refuses to start while it is; no run is active here, so clearing it is safe.
-    if not torch.distributed.is_initialized(): AcceleratorState._reset_state(reset_partial_state=True)
+    forget_accelerate_state()  # notebook_launcher refuses to start while an earlier run's state is set
     notebook_launcher(fn or train, (cfg,), num_processes=num_processes, use_port=use_port)

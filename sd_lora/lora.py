@@ -9,10 +9,11 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from safetensors.torch import save_file
 
 # %% auto #0
-__all__ = ['UNET_ATTENTION', 'lora_config', 'add_lora', 'unet_lora_state_dict', 'save_lora']
+__all__ = ['UNET_ATTENTION', 'lora_config', 'add_lora', 'unet_lora_state_dict', 'save_lora', 'kohya_state_dict', 'save_kohya']
 
 # %% ../nbs/03_lora.ipynb #44a54157
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the reference script's UNet targets
@@ -50,3 +51,22 @@ def save_lora(output_dir: str|Path, # folder to write `pytorch_lora_weights.safe
                                    unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
                                    safe_serialization=True)
     return output_dir / "pytorch_lora_weights.safetensors"
+
+# %% ../nbs/03_lora.ipynb #0bb9d0a1
+def kohya_state_dict(unet) -> dict[str, torch.Tensor]:
+    "The UNet's LoRA in kohya/A1111 naming, with each layer's real alpha."
+    alpha = float(unet.peft_config["default"].lora_alpha)
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()})
+    return {k: torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
+
+def save_kohya(path: str|Path, # the `.safetensors` file to write
+               unet, # a UNet carrying a LoRA adapter named "default"
+               base_model: str="sd_v1", # `ss_base_model_version`: sd_v1, sd_v2, sdxl_base_v1-0
+              ) -> Path:
+    "Save the UNet's LoRA as a kohya/A1111/ComfyUI file with `ss_*` metadata."
+    cfg = unet.peft_config["default"]
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.r),
+            "ss_network_alpha": str(float(cfg.lora_alpha)), "ss_base_model_version": base_model,
+            "ss_training_comment": "trained with sd_lora"}
+    save_file(kohya_state_dict(unet), str(path), metadata=meta)
+    return Path(path)

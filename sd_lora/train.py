@@ -7,33 +7,34 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import sys
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import get_type_hints
+import numpy as np
 import torch
+import torch.nn.functional as F
 from fastcore.docments import docments
 from tqdm.auto import tqdm
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.utils import convert_unet_state_dict_to_peft
-from peft.utils import set_peft_model_state_dict
 from .core import weight_dtype, image_grid, quiet
 from .data import load_image_dataset, check_columns, ImageCaptionDataset, collate
-from .models import TINY_SD, load_components
-from .lora import lora_config, add_lora, save_lora, unet_lora_state_dict
+from .models import TINY_SD, load_components, load_pipeline
+from .lora import lora_config, add_lora, save_lora, save_kohya, unet_lora_state_dict
 from .diffusion import noisify, target_for, min_snr_weights, diffusion_loss, sample_noise
+from .checkpoints import GeneratorState, register_lora_hooks, save_checkpoint, find_checkpoint, checkpoints
 
 # %% auto #0
-__all__ = ['HUB_IGNORE', 'CHOICES', 'TrainConfig', 'training_loss', 'GeneratorState', 'load_lora_into', 'register_lora_hooks',
-           'checkpoints', 'save_checkpoint', 'find_checkpoint', 'validation_images', 'log_validation', 'Run',
-           'make_optimizer', 'setup', 'TrainResult', 'train_loop', 'model_card', 'public_config', 'train',
-           'push_to_hub', 'config_parser', 'parse_args', 'main']
+__all__ = ['KOHYA_FILE', 'CHOICES', 'TrainConfig', 'training_loss', 'Run', 'make_optimizer', 'make_datasets',
+           'forget_accelerate_state', 'setup', 'train_step', 'fixed_noise_losses', 'evaluate', 'components_pipeline',
+           'log_validation', 'validate', 'History', 'epoch_batches', 'train_loop', 'model_card', 'public_config',
+           'save_outputs', 'hub_files', 'push_to_hub', 'TrainResult', 'final_validation', 'train', 'config_parser',
+           'parse_args', 'main']
 
-# %% ../nbs/05_train.ipynb #9856fa6a
+# %% ../nbs/05_train.ipynb #bb9b4ccc
 @dataclass
 class TrainConfig:
     "Settings of a LoRA training run; field names and defaults follow diffusers' `train_text_to_image_lora.py`."
@@ -91,10 +92,11 @@ class TrainConfig:
     lora_alpha: float|None = None # (sd_lora) LoRA alpha; default: the rank (scale 1)
     init_lora_weights: str = "gaussian" # (sd_lora) LoRA init: gaussian, or peft's default with "true"
     validation_steps: int|None = None # (sd_lora) also validate every this many steps
+    eval_samples: int = 64 # (sd_lora) at each validation, the fixed-noise loss on this many training images (0: off)
     logging_steps: int = 10 # (sd_lora) read the loss back from the device every this many steps
     cpu: bool = False # (sd_lora) train on the CPU even if a GPU is present; needed for multi-process CPU runs
 
-# %% ../nbs/05_train.ipynb #53bf72cc
+# %% ../nbs/05_train.ipynb #1f3bbfe7
 def training_loss(batch: dict, # from `collate`: pixel_values, input_ids
                   m, # `SDComponents`: frozen vae and text encoder, the scheduler
                   unet, # the UNet with LoRA (possibly wrapped by accelerate)
@@ -104,9 +106,9 @@ def training_loss(batch: dict, # from `collate`: pixel_values, input_ids
                   noise_offset: float=0.0, # noise offset scale
                  ) -> torch.Tensor:
     "The diffusion loss of one batch."
-    vae, dtype = m.vae, m.vae.dtype
+    vae = m.vae
     with torch.no_grad():
-        dist = vae.encode(batch["pixel_values"].to(vae.device, dtype)).latent_dist
+        dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
         latents = dist.sample(generator=generator) * vae.config.scaling_factor
         text = m.text_encoder(batch["input_ids"].to(vae.device), return_dict=False)[0]
     ac = m.noise_scheduler.alphas_cumprod
@@ -116,96 +118,18 @@ def training_loss(batch: dict, # from `collate`: pixel_values, input_ids
     weights = None if snr_gamma is None else min_snr_weights(t, ac, snr_gamma, prediction_type)
     return diffusion_loss(pred, target_for(prediction_type, latents, noise, t, ac), weights)
 
-# %% ../nbs/05_train.ipynb #fbdf0ee3
-class GeneratorState:
-    "Wraps a `torch.Generator` so `accelerator.save_state` saves and restores it."
-    def __init__(self, g: torch.Generator): self.g = g
-    def state_dict(self): return {"state": self.g.get_state()}
-    def load_state_dict(self, sd): self.g.set_state(sd["state"])
-
-def load_lora_into(unet, # a UNet with a LoRA adapter named "default"
-                   folder: str|Path, # a folder holding `pytorch_lora_weights.safetensors`
-                  ):
-    "Load LoRA weights saved by `save_lora` into the existing adapter of `unet`."
-    sd = StableDiffusionPipeline.lora_state_dict(str(folder))[0]
-    sd = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in sd.items() if k.startswith("unet.")})
-    res = set_peft_model_state_dict(unet, sd, adapter_name="default")
-    if getattr(res, "unexpected_keys", None):
-        raise ValueError(f"{folder}: LoRA keys that this UNet lacks, e.g. {res.unexpected_keys[:3]}")
-
-def register_lora_hooks(accelerator: Accelerator, unet):
-    "Make `save_state`/`load_state` write and read only the UNet's LoRA."
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process: save_lora(output_dir, accelerator.unwrap_model(unet))
-        weights.clear()
-    def load_hook(models, input_dir):
-        models.clear()
-        load_lora_into(accelerator.unwrap_model(unet), input_dir)
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-def checkpoints(output_dir: str|Path) -> list[Path]:
-    "Complete checkpoints in `output_dir`, oldest first."
-    ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))
-
-def save_checkpoint(accelerator: Accelerator, output_dir: str|Path, step: int, total_limit: int|None=None) -> Path:
-    "Save a resumable checkpoint `checkpoint-{step}`, keeping at most `total_limit`."
-    final, tmp = Path(output_dir) / f"checkpoint-{step}", Path(output_dir) / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process and total_limit is not None:
-        for old in checkpoints(output_dir)[:max(0, len(checkpoints(output_dir)) - total_limit + 1)]:
-            shutil.rmtree(old)
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process: tmp.rename(final)
-    accelerator.wait_for_everyone()
-    return final
-
-def find_checkpoint(output_dir: str|Path, resume_from_checkpoint: str) -> Path:
-    "The checkpoint folder to resume from: a path, or the newest in `output_dir` for 'latest'."
-    if resume_from_checkpoint == "latest":
-        found = checkpoints(output_dir)
-        if not found: raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* in {output_dir}")
-        return found[-1]
-    path = Path(resume_from_checkpoint)
-    if not path.is_dir(): path = Path(output_dir) / resume_from_checkpoint
-    if not path.is_dir(): raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a folder")
-    return path
-
-# %% ../nbs/05_train.ipynb #605e4526
-@torch.no_grad()
-def validation_images(m, unet, prompt: str, n: int, seed: int|None, resolution: int) -> list:
-    "Sample `n` images of `prompt` with the training components."
-    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=unet,
-                                   scheduler=m.noise_scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator(unet.device).manual_seed(seed or 0)
-    return pipe([prompt] * n, num_inference_steps=30, generator=g, height=resolution, width=resolution).images
-
-def log_validation(accelerator: Accelerator, m, unet, cfg: TrainConfig, step: int) -> Path:
-    "Generate validation images, save them as a grid PNG and log them to the trackers."
-    images = validation_images(m, accelerator.unwrap_model(unet), cfg.validation_prompt, cfg.num_validation_images,
-                               cfg.seed, cfg.resolution)
-    path = Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images).save(path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            import numpy as np
-            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
-    return path
-
-# %% ../nbs/05_train.ipynb #15ded345
+# %% ../nbs/05_train.ipynb #73b8ec7b
 @dataclass
 class Run:
     "What the loop needs, made by `setup`."
     cfg: TrainConfig
     accelerator: Accelerator
-    m: object
-    unet: torch.nn.Module
-    params: list
+    m: object # `SDComponents`
+    unet: torch.nn.Module # the prepared UNet
+    params: list # the trainable LoRA parameters
     dataset: ImageCaptionDataset
     dataloader: object
+    eval_dataloader: object|None
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     generator: torch.Generator
@@ -216,19 +140,40 @@ class Run:
     first_epoch: int = 0
     skip_batches: int = 0
 
-def make_optimizer(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     "AdamW over the LoRA parameters (8-bit from bitsandbytes if asked)."
     opt_cls = torch.optim.AdamW
     if cfg.use_8bit_adam:
         try: import bitsandbytes as bnb
         except ImportError: raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         opt_cls = bnb.optim.AdamW8bit
-    return opt_cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    return opt_cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                   eps=cfg.adam_epsilon)
+
+def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[ImageCaptionDataset, ImageCaptionDataset|None]:
+    "The training set and a small fixed evaluation set (centre crops, no flips) from the same images."
+    ds = load_image_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.dataset_config_name, cfg.cache_dir)
+    check_columns(ds, cfg.image_column, cfg.caption_column)
+    if cfg.max_train_samples is not None:
+        ds = ds.shuffle(seed=cfg.seed).select(range(min(cfg.max_train_samples, len(ds))))
+    kw = dict(interpolation=cfg.image_interpolation_mode, image_column=cfg.image_column,
+              caption_column=cfg.caption_column, seed=cfg.seed or 0)
+    train_ds = ImageCaptionDataset(ds, tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, **kw)
+    n_eval = min(cfg.eval_samples, len(ds))
+    eval_ds = ImageCaptionDataset(ds.select(range(n_eval)), tokenizer, cfg.resolution, True, False, **kw) if n_eval else None
+    return train_ds, eval_ds
+
+def forget_accelerate_state():
+    "Clear accelerate's process-wide settings left by an earlier run in this process, if no run is active."
+    # accelerate keeps its state (device, precision) for the life of the process, and refuses other settings
+    # later; a notebook or test session that trains twice with different precision would fail without this.
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 def setup(cfg: TrainConfig) -> Run:
     "Build the accelerator, models, data, optimizer and schedule of a run, and resume if asked."
     out = Path(cfg.output_dir)
+    forget_accelerate_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to, cpu=cfg.cpu,
@@ -242,35 +187,30 @@ def setup(cfg: TrainConfig) -> Run:
     m = load_components(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.cache_dir)
     for frozen in (m.vae, m.text_encoder, m.unet): frozen.requires_grad_(False).to(accelerator.device, dtype)
     params = add_lora(m.unet, lora_config(cfg.rank, cfg.lora_alpha, _init(cfg.init_lora_weights)))
-    for p in params: p.data = p.data.float()  # trainable weights stay fp32 under fp16 and bf16
+    for p in params: p.data = p.data.float()
     if cfg.gradient_checkpointing: m.unet.enable_gradient_checkpointing()
     if cfg.enable_xformers_memory_efficient_attention: _enable_xformers(m.unet)
+    if cfg.prediction_type: m.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
 
-    ds = load_image_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.dataset_config_name, cfg.cache_dir)
-    check_columns(ds, cfg.image_column, cfg.caption_column)
-    if cfg.max_train_samples is not None:
-        ds = ds.shuffle(seed=cfg.seed).select(range(min(cfg.max_train_samples, len(ds))))
-    dataset = ImageCaptionDataset(ds, m.tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip,
-                                  cfg.image_interpolation_mode, cfg.image_column, cfg.caption_column, cfg.seed or 0)
-    dl = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate,
-                                     num_workers=cfg.dataloader_num_workers)
-    lr = cfg.learning_rate
-    if cfg.scale_lr: lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(params, cfg)
-    for group in optimizer.param_groups: group["lr"] = lr
-
-    steps_per_epoch = math.ceil(math.ceil(len(dl) / accelerator.num_processes) / cfg.gradient_accumulation_steps)
+    train_ds, eval_ds = make_datasets(cfg, m.tokenizer)
+    loader = lambda ds, shuffle: torch.utils.data.DataLoader(ds, batch_size=cfg.train_batch_size, shuffle=shuffle,
+                                                            collate_fn=collate, num_workers=cfg.dataloader_num_workers)
+    dl, eval_dl = loader(train_ds, True), eval_ds and loader(eval_ds, False)
+    n = accelerator.num_processes
+    lr = cfg.learning_rate * (cfg.gradient_accumulation_steps * cfg.train_batch_size * n if cfg.scale_lr else 1)
+    optimizer = make_optimizer(params, cfg, lr)
+    steps_per_epoch = math.ceil(math.ceil(len(dl) / n) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
-    sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                          num_training_steps=max_steps * accelerator.num_processes)
+    # the prepared scheduler steps once per process each optimizer step, hence the factor n
+    sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * n,
+                          num_training_steps=max_steps * n)
     unet, optimizer, dl, sched = accelerator.prepare(m.unet, optimizer, dl, sched)
+    if eval_dl is not None: eval_dl = accelerator.prepare(eval_dl)
     generator = torch.Generator(accelerator.device).manual_seed((cfg.seed or 0) + accelerator.process_index)
     register_lora_hooks(accelerator, unet)
     accelerator.register_for_checkpointing(GeneratorState(generator))
-    run = Run(cfg, accelerator, m, unet, params, dataset, dl, optimizer, sched, generator,
-              cfg.prediction_type or m.noise_scheduler.config.prediction_type, max_steps,
-              math.ceil(max_steps / steps_per_epoch))
-    if cfg.prediction_type: m.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    run = Run(cfg, accelerator, m, unet, params, train_ds, dl, eval_dl, optimizer, sched, generator,
+              m.noise_scheduler.config.prediction_type, max_steps, math.ceil(max_steps / steps_per_epoch))
     if cfg.resume_from_checkpoint:
         ckpt = find_checkpoint(out, cfg.resume_from_checkpoint)
         accelerator.load_state(str(ckpt))
@@ -289,57 +229,117 @@ def _enable_xformers(unet):
                            "(pip install sd_lora[xformers]); PyTorch's SDPA attention is used by default")
     unet.enable_xformers_memory_efficient_attention()
 
-# %% ../nbs/05_train.ipynb #b3b674dd
-@dataclass
-class TrainResult:
-    "What a finished run returns."
-    output_dir: Path
-    lora_path: Path
-    losses: list # the loss of each optimizer step
-    lrs: list # the learning rate of each optimizer step
-    grad_norms: list # the LoRA gradients' norm before clipping, each optimizer step
-    global_step: int
-    lora: dict # the final LoRA weights (diffusers naming), as this process holds them
+# %% ../nbs/05_train.ipynb #1a15d521
+def train_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor|None]:
+    "Forward, backward and (when gradients sync) clip and step; returns the loss and the pre-clip gradient norm."
+    acc, cfg = run.accelerator, run.cfg
+    with acc.accumulate(run.unet):
+        loss = training_loss(batch, run.m, run.unet, run.generator, run.prediction_type, cfg.snr_gamma, cfg.noise_offset)
+        acc.backward(loss)
+        norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm) if acc.sync_gradients else None
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad()
+    return loss.detach(), norm
 
-def train_loop(run: Run) -> tuple[list, list, list]:
-    "Run the optimizer steps; return per-step losses, learning rates and gradient norms."
-    cfg, acc, unet = run.cfg, run.accelerator, run.unet
-    losses, lrs, norms, step_loss = [], [], [], 0.0
+# %% ../nbs/05_train.ipynb #76505bb0
+@torch.no_grad()
+def fixed_noise_losses(batch: dict, m, unet, prediction_type: str="epsilon", seed: int=0) -> torch.Tensor:
+    "Per-image losses with noise and timestep drawn from each image's index: the same for every run and process count."
+    vae, ac = m.vae, m.noise_scheduler.alphas_cumprod
+    latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+    text = m.text_encoder(batch["input_ids"].to(vae.device), return_dict=False)[0]
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in batch["indices"]]
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
+    t = torch.stack([torch.randint(0, len(ac), (), generator=g) for g in gens]).to(latents.device)
+    pred = unet(noisify(latents, noise, t, ac), t, text, return_dict=False)[0]
+    target = target_for(prediction_type, latents, noise, t, ac)
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+
+def evaluate(run: Run) -> float:
+    "The mean fixed-noise loss over the evaluation images, computed by all processes together."
+    run.unet.eval()
+    losses = [run.accelerator.gather_for_metrics(fixed_noise_losses(b, run.m, run.unet, run.prediction_type,
+                                                                    run.cfg.seed or 0)) for b in run.eval_dataloader]
+    run.unet.train()
+    return torch.cat(losses).mean().item()
+
+def components_pipeline(m, unet) -> StableDiffusionPipeline:
+    "A pipeline over the components in memory (nothing reloaded)."
+    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=unet,
+                                   scheduler=m.noise_scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+@torch.no_grad()
+def log_validation(accelerator: Accelerator, pipe, cfg: TrainConfig, step: int, name: str|None=None) -> Path:
+    "Sample the validation prompt with a fixed seed; save a grid PNG and log the images to TensorBoard."
+    g = torch.Generator(pipe.device).manual_seed(cfg.seed or 0)
+    images = pipe([cfg.validation_prompt] * cfg.num_validation_images, num_inference_steps=30, generator=g,
+                  height=cfg.resolution, width=cfg.resolution).images
+    path = Path(cfg.output_dir) / "validation" / f"{name or f'step-{step:06d}'}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(name or "validation", np.stack([np.asarray(i) for i in images]), step,
+                                      dataformats="NHWC")
+    return path
+
+def validate(run: Run):
+    "Log the fixed-noise loss (all processes) and validation images (main process)."
+    acc = run.accelerator
+    if run.eval_dataloader is not None: acc.log({"eval_loss": evaluate(run)}, step=run.global_step)
+    if run.cfg.validation_prompt and acc.is_main_process:
+        log_validation(acc, components_pipeline(run.m, acc.unwrap_model(run.unet)), run.cfg, run.global_step)
+
+# %% ../nbs/05_train.ipynb #98adaa27
+@dataclass
+class History:
+    "Per-optimizer-step records of a run."
+    losses: list # the loss (device tensors until the end of the run)
+    lrs: list # the learning rate
+    grad_norms: list # the LoRA gradients' norm before clipping
+
+def epoch_batches(run: Run, epoch: int):
+    "The batches of `epoch`, skipping those a resumed run has already trained on."
+    run.dataset.set_epoch(epoch)
+    dl = run.accelerator.skip_first_batches(run.dataloader, run.skip_batches) if epoch == run.first_epoch else run.dataloader
+    dl.set_epoch(epoch)
+    return dl
+
+def train_loop(run: Run) -> History:
+    "Run the optimizer steps of `run`, with logging, checkpoints and validation."
+    cfg, acc = run.cfg, run.accelerator
+    h, step_loss = History([], [], []), 0.0
     bar = tqdm(total=run.max_train_steps, initial=run.global_step, disable=not acc.is_local_main_process)
     for epoch in range(run.first_epoch, run.num_train_epochs):
-        unet.train()
-        run.dataset.set_epoch(epoch)
-        dl = acc.skip_first_batches(run.dataloader, run.skip_batches) if epoch == run.first_epoch else run.dataloader
-        dl.set_epoch(epoch)
-        for batch in dl:
-            with acc.accumulate(unet):
-                loss = training_loss(batch, run.m, unet, run.generator, run.prediction_type, cfg.snr_gamma, cfg.noise_offset)
-                acc.backward(loss)
-                step_loss = step_loss + loss.detach() / cfg.gradient_accumulation_steps
-                if acc.sync_gradients: norms.append(acc.clip_grad_norm_(run.params, cfg.max_grad_norm).detach())
-                run.optimizer.step(); run.lr_scheduler.step(); run.optimizer.zero_grad()
-            if not acc.sync_gradients: continue
+        run.unet.train()
+        for batch in epoch_batches(run, epoch):
+            loss, norm = train_step(run, batch)
+            step_loss = step_loss + loss / cfg.gradient_accumulation_steps
+            if norm is None: continue  # a micro-step: gradients accumulate
             run.global_step += 1
-            losses.append(step_loss); lrs.append(run.lr_scheduler.get_last_lr()[0]); step_loss = 0.0
+            h.losses.append(step_loss); h.lrs.append(run.lr_scheduler.get_last_lr()[0]); h.grad_norms.append(norm)
+            step_loss = 0.0
             bar.update(1)
             if run.global_step % cfg.logging_steps == 0 or run.global_step == run.max_train_steps:
-                l = acc.reduce(losses[-1], "mean").item()
-                bar.set_postfix(loss=f"{l:.4f}", lr=f"{lrs[-1]:.2e}")
-                acc.log({"train_loss": l, "lr": lrs[-1], "grad_norm": norms[-1].item()}, step=run.global_step)
+                logs = {"train_loss": acc.reduce(h.losses[-1], "mean").item(), "lr": h.lrs[-1], "grad_norm": norm.item()}
+                bar.set_postfix(loss=f"{logs['train_loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                acc.log(logs, step=run.global_step)
             if run.global_step % cfg.checkpointing_steps == 0:
                 save_checkpoint(acc, cfg.output_dir, run.global_step, cfg.checkpoints_total_limit)
-            if cfg.validation_prompt and cfg.validation_steps and run.global_step % cfg.validation_steps == 0 \
-               and acc.is_main_process:
-                log_validation(acc, run.m, unet, cfg, run.global_step)
+            if cfg.validation_steps and run.global_step % cfg.validation_steps == 0: validate(run)
             if run.global_step >= run.max_train_steps: break
-        if cfg.validation_prompt and (epoch + 1) % cfg.validation_epochs == 0 and acc.is_main_process \
-           and not cfg.validation_steps:
-            log_validation(acc, run.m, unet, cfg, run.global_step)
+        if not cfg.validation_steps and (epoch + 1) % cfg.validation_epochs == 0: validate(run)
         if run.global_step >= run.max_train_steps: break
     bar.close()
-    return [float(l) for l in losses], lrs, [float(n) for n in norms]
+    return History([float(l) for l in h.losses], h.lrs, [float(n) for n in h.grad_norms])
 
-# %% ../nbs/05_train.ipynb #aa7a974c
+# %% ../nbs/05_train.ipynb #6c79a458
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
 def model_card(cfg: TrainConfig) -> str:
     "A short model card (README.md) for the LoRA folder."
     data = cfg.dataset_name or cfg.train_data_dir
@@ -350,11 +350,57 @@ def model_card(cfg: TrainConfig) -> str:
             f"resolution {cfg.resolution}, learning rate {cfg.learning_rate}.\n\n"
             "```python\nfrom diffusers import StableDiffusionPipeline\n"
             f"pipe = StableDiffusionPipeline.from_pretrained(\"{cfg.pretrained_model_name_or_path}\")\n"
-            "pipe.load_lora_weights(\"path/to/this/folder\")\n```\n")
+            "pipe.load_lora_weights(\"path/to/this/folder\")\n```\n\n"
+            f"`{KOHYA_FILE}` holds the same LoRA for AUTOMATIC1111, ComfyUI and kohya's sd-scripts.\n")
 
 def public_config(cfg: TrainConfig) -> dict:
     "The run's settings without secrets, for logs and saved files."
     return {k: v for k, v in asdict(cfg).items() if k != "hub_token"}
+
+def save_outputs(run: Run) -> Path:
+    "Write the LoRA (two formats), the model card and the run's settings; main process only."
+    cfg, unet = run.cfg, run.accelerator.unwrap_model(run.unet)
+    path = save_lora(cfg.output_dir, unet)
+    save_kohya(Path(cfg.output_dir) / KOHYA_FILE, unet)
+    (Path(cfg.output_dir) / "README.md").write_text(model_card(cfg))
+    settings = {**public_config(cfg), "num_processes": run.accelerator.num_processes,
+                "mixed_precision": run.accelerator.mixed_precision, "global_step": run.global_step}
+    (Path(cfg.output_dir) / "train_config.json").write_text(json.dumps(settings, indent=2))
+    return path
+
+def hub_files(output_dir: str|Path) -> list[str]:
+    "The files `push_to_hub` uploads: everything in the output folder but checkpoints."
+    root = Path(output_dir)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and not p.relative_to(root).parts[0].startswith(("checkpoint-", ".tmp-checkpoint-")))
+
+def push_to_hub(cfg: TrainConfig):
+    "Upload the files of `hub_files` to the Hub repository `hub_model_id` (default: the output folder's name)."
+    from huggingface_hub import create_repo, create_commit, CommitOperationAdd
+    repo_id = create_repo(cfg.hub_model_id or Path(cfg.output_dir).name, exist_ok=True, token=cfg.hub_token).repo_id
+    ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(Path(cfg.output_dir) / f))
+           for f in hub_files(cfg.output_dir)]
+    create_commit(repo_id, ops, commit_message="End of training", token=cfg.hub_token)
+
+# %% ../nbs/05_train.ipynb #1ba7e408
+@dataclass
+class TrainResult:
+    "What a finished run returns."
+    output_dir: Path
+    lora_path: Path
+    losses: list # the loss of each optimizer step
+    lrs: list # the learning rate of each optimizer step
+    grad_norms: list # the LoRA gradients' norm before clipping, each optimizer step
+    global_step: int
+    eval_loss: float|None # the final fixed-noise loss (the same on every process)
+    lora: dict # the final LoRA weights (diffusers naming), as this process holds them
+
+def final_validation(accelerator: Accelerator, cfg: TrainConfig, step: int) -> Path:
+    "Validate the saved file: a fresh pipeline, `load_lora_weights`, the validation prompt."
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(cfg.output_dir)
+    return log_validation(accelerator, pipe, cfg, step, name="final")
 
 def train(cfg: TrainConfig) -> TrainResult:
     "Train a UNet LoRA as `train_text_to_image_lora.py` does, and save `pytorch_lora_weights.safetensors`."
@@ -362,31 +408,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     acc = run.accelerator
     if cfg.report_to != "none":
         acc.init_trackers("text2image-fine-tune", config={k: v for k, v in public_config(cfg).items() if v is not None})
-    losses, lrs, norms = train_loop(run)
+    h = train_loop(run)
+    eval_loss = evaluate(run) if run.eval_dataloader is not None else None
     acc.wait_for_everyone()
-    unet = acc.unwrap_model(run.unet)
-    lora = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(unet).items()}
     lora_path = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
     if acc.is_main_process:
-        save_lora(cfg.output_dir, unet)
-        (Path(cfg.output_dir) / "README.md").write_text(model_card(cfg))
-        (Path(cfg.output_dir) / "train_config.json").write_text(json.dumps(public_config(cfg), indent=2))
-        if cfg.validation_prompt: log_validation(acc, run.m, run.unet, cfg, run.global_step)
+        save_outputs(run)
+        if cfg.validation_prompt: final_validation(acc, cfg, run.global_step)
         if cfg.push_to_hub: push_to_hub(cfg)
+    lora = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(acc.unwrap_model(run.unet)).items()}
     acc.wait_for_everyone()
     acc.end_training()
-    return TrainResult(Path(cfg.output_dir), lora_path, losses, lrs, norms, run.global_step, lora)
+    return TrainResult(Path(cfg.output_dir), lora_path, h.losses, h.lrs, h.grad_norms, run.global_step, eval_loss, lora)
 
-HUB_IGNORE = ["checkpoint-*", ".tmp-checkpoint-*", "checkpoint-*/**", ".tmp-checkpoint-*/**"]
-
-def push_to_hub(cfg: TrainConfig):
-    "Upload the final LoRA folder, without checkpoints, to the Hub."
-    from huggingface_hub import create_repo, upload_folder
-    repo_id = create_repo(cfg.hub_model_id or Path(cfg.output_dir).name, exist_ok=True, token=cfg.hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=cfg.output_dir, commit_message="End of training",
-                  ignore_patterns=HUB_IGNORE, token=cfg.hub_token)
-
-# %% ../nbs/05_train.ipynb #6fa05c4f
+# %% ../nbs/05_train.ipynb #bded9f89
 CHOICES = {"mixed_precision": ["no", "fp16", "bf16"], "prediction_type": ["epsilon", "v_prediction"],
            "report_to": ["tensorboard", "wandb", "all", "none"],
            "lr_scheduler": ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
@@ -414,6 +449,6 @@ def main(argv: list[str]|None=None):
     res = train(parse_args(argv))
     print(f"Saved {res.lora_path}")
 
-# %% ../nbs/05_train.ipynb #c71a75da
+# %% ../nbs/05_train.ipynb #31714609
 #| eval: false
 if __name__ == "__main__": main()

@@ -1,0 +1,174 @@
+"The documentation site and README that tools/build_docs.py makes from the notebooks."
+import importlib
+import importlib.util
+import inspect
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from bs4 import BeautifulSoup
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("build_docs", ROOT / "tools" / "build_docs.py")
+build_docs = sys.modules["build_docs"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_docs)
+
+NOTEBOOKS = build_docs.lesson_notebooks(ROOT / "nbs")
+IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/svg+xml")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    "The site, built once for this module by the tool's command line into a temporary folder."
+    tmp = tmp_path_factory.mktemp("docs")
+    out = tmp / "_site"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "build_docs.py"), "--out", str(out), "--work", str(tmp / "work")],
+                   check=True, cwd=tmp)
+    return out
+
+
+def page(site, notebook) -> BeautifulSoup:
+    return BeautifulSoup((site / f"{build_docs.page_name(notebook)}.html").read_text(encoding="utf-8"), "html.parser")
+
+
+def heading_text(h) -> str:
+    return h.get_text().rstrip("¶").strip()
+
+
+def shown_image_outputs(notebook: Path) -> int:
+    "How many outputs of `notebook`'s shown cells hold an image."
+    n = 0
+    for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        directives, _ = build_docs.split_directives("".join(cell["source"]))
+        if "hide" in directives or directives.get("include") == "false" or directives.get("output") == "false":
+            continue
+        n += sum(any(m in out.get("data", {}) for m in IMAGE_MIMES) for out in cell.get("outputs", []))
+    return n
+
+
+def exported_symbols(notebook: Path) -> list[str]:
+    "The functions and classes that `notebook` exports (those nbdev documents with show_doc)."
+    module_name = build_docs.default_exp(json.loads(notebook.read_text(encoding="utf-8"))["cells"])
+    if module_name is None:
+        return []
+    module = importlib.import_module(f"sd_lora.{module_name}")
+    return [name for name in getattr(module, "__all__", [])
+            if (inspect.isfunction(obj := getattr(module, name)) or inspect.isclass(obj))
+            and obj.__module__ == module.__name__]
+
+
+def test_one_page_per_notebook(site):
+    assert NOTEBOOKS[0].name == "index.ipynb"
+    for nb in NOTEBOOKS:
+        assert (site / f"{build_docs.page_name(nb)}.html").exists(), nb.name
+    assert (site / "index.html").exists()
+
+
+def test_navigation_lists_lessons_in_order(site):
+    expected = [f"{build_docs.page_name(nb)}.html" for nb in NOTEBOOKS if nb.stem != "index"]
+    index = page(site, NOTEBOOKS[0])
+    assert [a["href"] for a in index.select(".sidebar-tree a.reference")] == expected
+    assert index.title.get_text().endswith("sd_lora")
+
+
+def test_images_are_shown_and_exist(site):
+    for nb in NOTEBOOKS:
+        imgs = page(site, nb).select("article img")
+        assert len(imgs) >= shown_image_outputs(nb), nb.name
+        for img in imgs:
+            assert (site / img["src"]).is_file(), (nb.name, img["src"])
+
+
+def test_every_exported_symbol_is_documented(site):
+    documented = 0
+    for nb in NOTEBOOKS:
+        sections = {heading_text(h): h.parent for h in page(site, nb).select(
+            "article section > h2, article section > h3, article section > h4")}
+        for name in exported_symbols(nb):
+            assert name in sections, f"{name} is not documented on the page of {nb.name}"
+            assert sections[name].select_one("div.highlight pre"), f"no signature for {name}"
+            documented += 1
+    assert documented > 20
+
+
+def test_show_doc_signature_and_parameter_table(site):
+    pages = {build_docs.page_name(nb): nb for nb in NOTEBOOKS}
+    noisify = page(site, pages["diffusion"]).find("section", id="noisify")
+    assert heading_text(noisify.find("h3")) == "noisify"
+    assert "def noisify(" in noisify.select_one("div.highlight pre").get_text()
+    rows = [[td.get_text(" ", strip=True) for td in tr.find_all("td")] for tr in noisify.select("table tbody tr")]
+    assert rows[0][:2] == ["x0", "torch.Tensor"] and "clean latents" in rows[0][3]
+    assert "target=" not in str(noisify) and "{" not in noisify.find("a").get_text()
+
+    train_config = page(site, pages["train"]).find("section", id="trainconfig")
+    assert "class TrainConfig(" in train_config.select_one("div.highlight pre").get_text()
+    params = [tr.find("td").get_text(strip=True) for tr in train_config.select("table tbody tr")]
+    assert {"pretrained_model_name_or_path", "learning_rate", "rank"} <= set(params)
+
+
+def test_maths_render_offline(site):
+    diffusion = page(site, next(nb for nb in NOTEBOOKS if nb.stem.endswith("_diffusion")))
+    assert diffusion.select("article div.math") and diffusion.select("article span.math")
+    scripts = [s["src"] for s in diffusion.find_all("script", src=True)]
+    mathjax = [s for s in scripts if "mathjax" in s.lower()]
+    assert mathjax and not any("://" in s for s in mathjax), scripts
+    assert (site / mathjax[0].split("?")[0]).is_file()
+    assert (site / "_static/mathjax/output/chtml/fonts/woff-v2/MathJax_Main-Regular.woff").is_file()
+
+
+def test_internal_links_resolve(site):
+    ids = {f.name: {t["id"] for t in BeautifulSoup(f.read_text(encoding="utf-8"), "html.parser").find_all(id=True)}
+           for f in site.glob("*.html")}
+    for f in site.glob("*.html"):
+        for a in BeautifulSoup(f.read_text(encoding="utf-8"), "html.parser").select("article a[href]"):
+            href = a["href"]
+            assert "sd-lora.github.io" not in href, (f.name, href)
+            if "://" in href or href.startswith("mailto:"):
+                continue
+            target, _, fragment = href.partition("#")
+            target = target or f.name
+            assert target in ids and (not fragment or fragment in ids[target]), (f.name, href)
+
+
+def test_nbdev_writes_nothing_into_nbs(site):
+    for name in ("_quarto.yml", "nbdev.yml", "sidebar.yml"):
+        assert not (ROOT / "nbs" / name).exists()
+
+
+def test_readme_is_current():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "build_docs.py"), "--check-readme"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _code(source, outputs=()):
+    return {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": list(outputs), "source": source}
+
+
+def test_readme_from_index(tmp_path):
+    (tmp_path / "nbs").mkdir()
+    shutil.copy(ROOT / "settings.ini", tmp_path / "settings.ini")
+    cells = [
+        {"cell_type": "markdown", "metadata": {}, "source": "# demo\n\n> A test project."},
+        _code("#| hide\nimport secret"),
+        _code("#| echo: false\nprint('only output')", [{"output_type": "stream", "name": "stdout", "text": "only output\n"}]),
+        _code("1 + 1", [{"output_type": "execute_result", "execution_count": 1, "metadata": {},
+                         "data": {"text/plain": "2", "image/png": "iVBORw0KGgo="}}]),
+        _code("#| output: false\nx = 3\nx", [{"output_type": "execute_result", "execution_count": 2, "metadata": {},
+                                              "data": {"text/plain": "3"}}]),
+    ]
+    nb = {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "nbs" / "index.ipynb").write_text(json.dumps(nb))
+    assert not build_docs.readme_is_current(tmp_path)
+    build_docs.write_readme(tmp_path)
+    assert build_docs.readme_is_current(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert text == (build_docs.README_HEADER + "\n\n# demo\n\n> A test project.\n\n```\nonly output\n```\n\n"
+                    "```python\n1 + 1\n```\n\n```\n2\n```\n\n```python\nx = 3\nx\n```\n")
+    (tmp_path / "README.md").write_text(text + "edited by hand\n")
+    assert not build_docs.readme_is_current(tmp_path)

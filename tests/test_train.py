@@ -1,0 +1,116 @@
+"The training loop: steps, clipping, precision, accumulation, resume, outputs."
+import pytest
+import torch
+from dataclasses import replace
+from safetensors.torch import load_file
+from sd_lora.train import train, setup, train_step, hub_files, KOHYA_FILE
+from sd_lora.models import load_pipeline
+from helpers import tiny_config, read_json
+
+
+def _unet_out(unet):
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad(): return unet(x, torch.tensor([20, 700]), text).sample
+
+
+def test_clipping_clips_the_lora_gradients(demo_data, tmp_path):
+    run = setup(tiny_config(demo_data, tmp_path, max_grad_norm=0.01))
+    seen, inner = [], run.optimizer.optimizer
+    step = inner.step
+    def spy(*a, **k):
+        seen.append(float(torch.nn.utils.get_total_norm([p.grad for p in run.params])))
+        return step(*a, **k)
+    inner.step = spy
+    _, pre = train_step(run, next(iter(run.dataloader)))
+    run.accelerator.end_training()
+    assert float(pre) > 0.01
+    assert seen[0] == pytest.approx(0.01, rel=1e-4)
+
+
+def test_resume_mid_epoch_with_accumulation_matches_uninterrupted_run(demo_data, tmp_path):
+    kw = dict(max_train_steps=5, gradient_accumulation_steps=2, checkpointing_steps=2, random_flip=True,
+              lr_scheduler="cosine", lr_warmup_steps=1)
+    full = train(tiny_config(demo_data, tmp_path / "full", **kw))
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "full" / "checkpoint-2").rename(tmp_path / "resumed" / "checkpoint-2")
+    resumed = train(tiny_config(demo_data, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
+    assert resumed.global_step == full.global_step == 5
+    assert resumed.losses == pytest.approx(full.losses[2:], abs=1e-6)
+    assert resumed.lrs == pytest.approx(full.lrs[2:])
+    a, b = load_file(full.lora_path), load_file(resumed.lora_path)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+def test_bf16_on_cpu_keeps_lora_in_fp32(demo_data, tmp_path):
+    res = train(tiny_config(demo_data, tmp_path, mixed_precision="bf16"))
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert {v.dtype for v in load_file(res.lora_path).values()} == {torch.float32}
+    assert read_json(tmp_path / "train_config.json")["mixed_precision"] == "bf16"
+
+
+def test_gradient_checkpointing_gives_the_same_weights(demo_data, tmp_path):
+    plain = train(tiny_config(demo_data, tmp_path / "plain", max_train_steps=2))
+    ckpt = train(tiny_config(demo_data, tmp_path / "ckpt", max_train_steps=2, gradient_checkpointing=True))
+    assert all(torch.allclose(plain.lora[k], ckpt.lora[k], atol=1e-6) for k in plain.lora)
+
+
+def test_v_prediction_with_min_snr_and_noise_offset_trains(demo_data, tmp_path):
+    res = train(tiny_config(demo_data, tmp_path, prediction_type="v_prediction", snr_gamma=5.0, noise_offset=0.1))
+    assert len(res.losses) == 4 and all(l == l for l in res.losses)
+    assert read_json(tmp_path / "train_config.json")["prediction_type"] == "v_prediction"
+
+
+def test_scale_lr_multiplies_by_batch_and_accumulation(demo_data, tmp_path):
+    res = train(tiny_config(demo_data, tmp_path, scale_lr=True, learning_rate=1e-4, gradient_accumulation_steps=2,
+                            max_train_steps=1))
+    assert res.lrs[0] == pytest.approx(1e-4 * 2 * 2)
+
+
+def test_kohya_file_loads_to_the_same_outputs(demo_data, tmp_path):
+    train(tiny_config(demo_data, tmp_path, rank=4, lora_alpha=8))
+    ours, kohya = load_pipeline(), load_pipeline()
+    ours.load_lora_weights(tmp_path)
+    kohya.load_lora_weights(tmp_path, weight_name=KOHYA_FILE)
+    assert torch.allclose(_unet_out(ours.unet), _unet_out(kohya.unet), atol=1e-5)
+    assert not torch.allclose(_unet_out(ours.unet), _unet_out(load_pipeline().unet), atol=1e-4)
+
+
+def test_push_to_hub_uploads_the_final_folder_only(demo_data, tmp_path, monkeypatch):
+    import huggingface_hub
+    calls = {}
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, **kw: calls.update(repo=repo_id, token=kw.get("token")) or
+                        type("R", (), {"repo_id": f"me/{repo_id}"})())
+    monkeypatch.setattr(huggingface_hub, "create_commit",
+                        lambda repo_id, ops, **kw: calls.update(files=sorted(o.path_in_repo for o in ops)))
+    secret = "hf_SECRETtoken123"
+    train(tiny_config(demo_data, tmp_path / "my-lora", checkpointing_steps=2, push_to_hub=True, hub_token=secret,
+                      report_to="tensorboard"))
+    assert calls["repo"] == "my-lora" and calls["token"] == secret
+    assert calls["files"] == hub_files(tmp_path / "my-lora")
+    assert not any(f.startswith("checkpoint-") for f in calls["files"])
+    assert "pytorch_lora_weights.safetensors" in calls["files"] and KOHYA_FILE in calls["files"]
+    for f in (tmp_path / "my-lora").rglob("*"):
+        if f.is_file(): assert secret.encode() not in f.read_bytes(), f
+
+
+def test_unknown_column_lists_the_available_ones(demo_data, tmp_path):
+    with pytest.raises(ValueError, match=r"its columns are \['image', 'text'\]"):
+        setup(tiny_config(demo_data, tmp_path, caption_column="caption"))
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_install(demo_data, tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        setup(tiny_config(demo_data, tmp_path, use_8bit_adam=True))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_xformers_without_cuda_is_a_clear_error(demo_data, tmp_path):
+    with pytest.raises(RuntimeError, match="needs CUDA and xformers"):
+        setup(tiny_config(demo_data, tmp_path, enable_xformers_memory_efficient_attention=True))
