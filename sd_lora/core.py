@@ -4,15 +4,19 @@
 
 # %% ../nbs/00_core.ipynb #f5c0a959
 from __future__ import annotations
+import argparse
 import os
 import math
+from dataclasses import fields, MISSING
+from typing import get_type_hints
+from fastcore.docments import docments
 import numpy as np
 import torch
 from PIL import Image
 import matplotlib.pyplot as plt
 
 # %% auto #0
-__all__ = ['to_tensor', 'to_pil', 'image_grid', 'show_images', 'weight_dtype', 'quiet']
+__all__ = ['to_tensor', 'to_pil', 'image_grid', 'show_images', 'weight_dtype', 'quiet', 'config_parser']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 def to_tensor(img: Image.Image, # a PIL image; converted to RGB first
@@ -83,3 +87,19 @@ def quiet():
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+
+# %% ../nbs/00_core.ipynb #a9920ac4
+def config_parser(cls, # a dataclass whose fields have defaults
+                  choices: dict|None=None, # field name -> allowed values
+                  description: str|None=None, # the `--help` summary (default: the class docstring)
+                 ) -> argparse.ArgumentParser:
+    "An argparse parser with one flag per field of the dataclass `cls`, documented by its comments."
+    p = argparse.ArgumentParser(description=description or cls.__doc__)
+    docs, hints, choices = docments(cls), get_type_hints(cls), choices or {}
+    for f in fields(cls):
+        typ, help = hints[f.name], f"{docs.get(f.name) or ''} (default: {f.default})"
+        if typ is bool: p.add_argument(f"--{f.name}", action="store_true", help=help)
+        else:
+            base = next(t for t in (int, float, str) if t in getattr(typ, "__args__", (typ,)))
+            p.add_argument(f"--{f.name}", type=base, default=f.default, choices=choices.get(f.name), help=help)
+    return p

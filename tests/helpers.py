@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 from sd_lora.data import make_demo_data
-from sd_lora.train import TrainConfig
+from sd_lora.config import TrainConfig
 
 
 def tiny_config(data_dir, output_dir, **kw) -> TrainConfig:

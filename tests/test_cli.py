@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 from dataclasses import fields
-from sd_lora.train import TrainConfig
+from sd_lora.config import TrainConfig
 from sd_lora.models import TINY_SD, resolve_model, load_pipeline
 from helpers import read_json
 
@@ -88,3 +88,10 @@ def test_documented_fp16_launch_without_the_script_flag(demo_data, tmp_path):
          "--report_to=none"])
     assert read_json(out / "train_config.json")["mixed_precision"] == "fp16"
     assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_bad_flag_values_are_refused_with_the_choices(capsys):
+    from sd_lora.config import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--mixed_precision", "fp8"])
+    assert "choose from" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def test_show_doc_signature_and_parameter_table(site):
     assert rows[0][:2] == ["x0", "torch.Tensor"] and "clean latents" in rows[0][3]
     assert "target=" not in str(noisify) and "{" not in noisify.find("a").get_text()
 
-    train_config = page(site, pages["train"]).find("section", id="trainconfig")
+    train_config = page(site, pages["config"]).find("section", id="trainconfig")
     assert "class TrainConfig(" in train_config.select_one("div.highlight pre").get_text()
     params = [tr.find("td").get_text(strip=True) for tr in train_config.select("table tbody tr")]
     assert {"pretrained_model_name_or_path", "learning_rate", "rank"} <= set(params)

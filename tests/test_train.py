@@ -3,7 +3,8 @@ import pytest
 import torch
 from dataclasses import replace
 from safetensors.torch import load_file
-from sd_lora.train import train, setup, train_step, hub_files, KOHYA_FILE
+from sd_lora.train import train, setup, train_step
+from sd_lora.outputs import hub_files, KOHYA_FILE
 from sd_lora.models import load_pipeline
 from helpers import tiny_config, read_json
 

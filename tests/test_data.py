@@ -1,0 +1,59 @@
+"Loading image-caption data and turning it into training items."
+import random
+import pytest
+from PIL import Image
+from sd_lora.data import load_image_dataset, ImageCaptionDataset, collate, preprocess_image, pick_caption
+from sd_lora.models import byte_clip_tokenizer
+
+
+def test_dataset_name_may_be_a_local_folder(demo_data):
+    ds = load_image_dataset(dataset_name=str(demo_data))
+    assert len(ds) == 12 and set(ds.column_names) == {"image", "text"}
+
+
+def test_missing_train_data_dir_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_image_dataset(train_data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="--dataset_name"):
+        load_image_dataset()
+
+
+def test_list_captions_are_picked_at_random_per_epoch_and_reproducibly():
+    rows = [{"image": Image.new("RGB", (80, 64), "red"), "text": [f"caption {i}" for i in range(6)]}] * 4
+    ds = ImageCaptionDataset(rows, byte_clip_tokenizer(), resolution=64, seed=1)
+    seen = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        caps = [ds[i]["caption"] for i in range(4)]
+        assert caps == [ds[i]["caption"] for i in range(4)]  # same epoch, same choice
+        seen |= set(caps)
+    assert len(seen) > 2
+    assert pick_caption(["first", "second"]) == "first"
+
+
+def test_batch_shapes_and_token_padding(demo_data):
+    tok = byte_clip_tokenizer()
+    ds = ImageCaptionDataset(load_image_dataset(train_data_dir=str(demo_data)), tok, resolution=32, random_flip=True)
+    batch = collate([ds[i] for i in range(3)])
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    assert batch["input_ids"].shape == (3, 77)
+    assert batch["indices"].tolist() == [0, 1, 2]
+    assert -1 <= float(batch["pixel_values"].min()) and float(batch["pixel_values"].max()) <= 1
+
+
+def test_random_crop_stays_inside_and_flip_mirrors():
+    img = Image.new("RGB", (100, 50))
+    img.paste((255, 0, 0), (0, 0, 50, 50))
+    rng = random.Random(0)
+    for _ in range(20):
+        out = preprocess_image(img, 40, rng=rng)
+        top, left = out["crop_top_left"]
+        assert 0 <= top <= 0 and 0 <= left <= 80 - 40
+    flipped = [preprocess_image(img, 40, center_crop=True, random_flip=True, rng=random.Random(s))["pixel_values"]
+               for s in range(10)]
+    assert any((f[0, :, 0] > 0.9).all() for f in flipped) and any((f[0, :, 0] < -0.9).all() for f in flipped)
+
+
+def test_bad_interpolation_lists_the_choices():
+    with pytest.raises(ValueError, match="lanczos"):
+        preprocess_image(Image.new("RGB", (64, 64)), 32, interpolation="cubic-ish")
