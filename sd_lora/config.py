@@ -70,11 +70,14 @@ class TrainConfig:
     init_lora_weights: str = "gaussian" # (sd_lora) LoRA init: gaussian, or peft's default with "true"
     validation_steps: int|None = None # (sd_lora) also validate every this many steps
     eval_samples: int = 64 # (sd_lora) at each validation, the fixed-noise loss on this many training images (0: off)
+    cache_latents: str = "memory" # (sd_lora) encode images and captions once before training: memory, disk or off
+    latent_cache_dir: str|None = None # (sd_lora) where the disk cache lives (default: output_dir/latent_cache)
+    merge_accumulation: bool = False # (sd_lora) train each accumulation group as one batch: same gradients, fewer launches, more memory
     logging_steps: int = 10 # (sd_lora) read the loss back from the device every this many steps
     cpu: bool = False # (sd_lora) train on the CPU even if a GPU is present; needed for multi-process CPU runs
 
 # %% ../nbs/04b_config.ipynb #75f409f5
-CHOICES = {"mixed_precision": ["no", "fp16", "bf16"], "prediction_type": ["epsilon", "v_prediction"],
+CHOICES = {"mixed_precision": ["no", "fp16", "bf16"], "cache_latents": ["memory", "disk", "off"], "prediction_type": ["epsilon", "v_prediction"],
            "report_to": ["tensorboard", "wandb", "all", "none"],
            "lr_scheduler": ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
            "image_interpolation_mode": ["lanczos", "bicubic", "bilinear", "box", "hamming", "nearest", "nearest-exact"]}

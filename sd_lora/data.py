@@ -159,10 +159,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int): self.epoch = epoch
     def __len__(self): return len(self.ds)
+    def rng(self, i: int) -> random.Random: return random.Random(f"{self.seed}-{self.epoch}-{i}")
 
     def __getitem__(self, i):
         row = self.ds[i]
-        rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
+        rng = self.rng(i)
         item = preprocess_image(row[self.image_column], rng=rng, **self.kw)
         item["caption"] = pick_caption(row[self.caption_column], rng)
         item["input_ids"] = tokenize(self.tokenizer, [item["caption"]])[0]

@@ -49,7 +49,7 @@ def demo(output_dir: str|Path, # where the LoRA, samples.png and loss.png go
     resolution = resolution or (64 if pretrained_model_name_or_path == TINY_SD else 512)
     res = train(TrainConfig(pretrained_model_name_or_path=pretrained_model_name_or_path,
                             train_data_dir=train_data_dir, dataset_name=dataset_name, output_dir=str(out),
-                            resolution=resolution, random_flip=True, train_batch_size=train_batch_size,
+                            resolution=resolution, center_crop=True, random_flip=True, train_batch_size=train_batch_size,
                             max_train_steps=max_train_steps, learning_rate=learning_rate, lr_warmup_steps=0,
                             checkpointing_steps=max_train_steps, checkpoints_total_limit=1, seed=seed))
     prompts = prompts or [DEMO_IMAGES[k] for k in ("chelsea", "rocket", "coffee")]

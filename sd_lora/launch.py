@@ -4,6 +4,7 @@
 
 # %% ../nbs/06_launch.ipynb #c0e23d95
 from __future__ import annotations
+import os
 import torch
 from accelerate import notebook_launcher
 from .config import TrainConfig
@@ -20,4 +21,10 @@ def launch_train(cfg: TrainConfig, # the run; set `cpu=True` for CPU processes
                 ):
     "Start `fn(cfg)` (default `train`) in `num_processes` processes from a notebook."
     forget_accelerate_state()  # notebook_launcher refuses to start while an earlier run's state is set
-    notebook_launcher(fn or train, (cfg,), num_processes=num_processes, use_port=use_port)
+    threads = max(1, (os.cpu_count() or 1) // num_processes) if cfg.cpu else None
+    notebook_launcher(_with_threads, (fn or train, cfg, threads), num_processes=num_processes, use_port=use_port)
+
+def _with_threads(fn, cfg, threads):
+    # CPU processes share the cores: more threads than cores makes PyTorch's waiting threads spin against each other
+    if threads: torch.set_num_threads(threads)
+    return fn(cfg)

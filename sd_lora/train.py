@@ -5,6 +5,8 @@
 # %% ../nbs/05_train.ipynb #7152a327
 from __future__ import annotations
 import math
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -24,27 +26,40 @@ from .config import TrainConfig, parse_args, public_config
 from .outputs import save_outputs, push_to_hub
 from .diffusion import noisify, target_for, min_snr_weights, diffusion_loss, sample_noise
 from .checkpoints import GeneratorState, register_lora_hooks, save_checkpoint, find_checkpoint
+from .cache import build_cache, cache_key, data_fingerprint, CachedDataset, collate_cached
 
 # %% auto #0
-__all__ = ['training_loss', 'Run', 'make_optimizer', 'make_datasets', 'forget_accelerate_state', 'setup', 'train_step',
-           'fixed_noise_losses', 'evaluate', 'components_pipeline', 'log_validation', 'validate', 'History',
-           'epoch_batches', 'train_loop', 'TrainResult', 'final_validation', 'train', 'main']
+__all__ = ['encode_batch', 'training_loss', 'Run', 'make_optimizer', 'make_datasets', 'cached', 'forget_accelerate_state',
+           'setup', 'train_step', 'fixed_noise_losses', 'evaluate', 'components_pipeline', 'log_validation', 'validate',
+           'History', 'epoch_batches', 'train_loop', 'TrainResult', 'final_validation', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #d97c0bc0
-def training_loss(batch: dict, # from `collate`: pixel_values, input_ids
+@torch.no_grad()
+def encode_batch(batch: dict, # pixel_values and input_ids, or a cached batch (latent_mean, latent_std, text_embeds)
+                 m, # `SDComponents`: the frozen VAE and text encoder
+                 generator: torch.Generator, # draws the latent sample
+                ) -> tuple[torch.Tensor, torch.Tensor]: # scaled latents and text embeddings
+    "Latents sampled from the VAE's distribution, and the captions' embeddings."
+    vae = m.vae
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"].to(vae.device, vae.dtype), batch["latent_std"].to(vae.device, vae.dtype)
+        latents = mean + std * torch.randn(mean.shape, generator=generator, device=vae.device, dtype=vae.dtype)
+        text = batch["text_embeds"].to(vae.device, m.text_encoder.dtype)
+    else:
+        latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
+        text = m.text_encoder(batch["input_ids"].to(vae.device), return_dict=False)[0]
+    return latents * vae.config.scaling_factor, text
+
+def training_loss(batch: dict, # from `collate` or `collate_cached`
                   m, # `SDComponents`: frozen vae and text encoder, the scheduler
                   unet, # the UNet with LoRA (possibly wrapped by accelerate)
-                  generator: torch.Generator, # draws noise and timesteps
+                  generator: torch.Generator, # draws latents, noise and timesteps
                   prediction_type: str="epsilon", # the UNet's target
                   snr_gamma: float|None=None, # Min-SNR-gamma weighting, or None
                   noise_offset: float=0.0, # noise offset scale
                  ) -> torch.Tensor:
     "The diffusion loss of one batch."
-    vae = m.vae
-    with torch.no_grad():
-        dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator) * vae.config.scaling_factor
-        text = m.text_encoder(batch["input_ids"].to(vae.device), return_dict=False)[0]
+    latents, text = encode_batch(batch, m, generator)
     ac = m.noise_scheduler.alphas_cumprod
     noise = sample_noise(latents, noise_offset, generator)
     t = torch.randint(0, len(ac), (latents.shape[0],), device=latents.device, generator=generator)
@@ -81,8 +96,9 @@ def make_optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Opt
         try: import bitsandbytes as bnb
         except ImportError: raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         opt_cls = bnb.optim.AdamW8bit
+    fused = {"fused": True} if opt_cls is torch.optim.AdamW else {}  # one kernel for all LoRA tensors
     return opt_cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                   eps=cfg.adam_epsilon)
+                   eps=cfg.adam_epsilon, **fused)
 
 def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[ImageCaptionDataset, ImageCaptionDataset|None]:
     "The training set and a small fixed evaluation set (centre crops, no flips) from the same images."
@@ -97,6 +113,23 @@ def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[ImageCaptionDataset, Ima
     eval_ds = ImageCaptionDataset(ds.select(range(n_eval)), tokenizer, cfg.resolution, True, False, **kw) if n_eval else None
     return train_ds, eval_ds
 
+def cached(cfg: TrainConfig, ds: ImageCaptionDataset, m, accelerator: Accelerator):
+    "`ds` encoded once (memory or disk cache), or `ds` itself when caching is off or impossible."
+    if cfg.cache_latents == "off": return ds
+    folder = None
+    if cfg.cache_latents == "disk":
+        key = cache_key(str(cfg.pretrained_model_name_or_path), cfg.resolution, cfg.center_crop, cfg.random_flip,
+                        cfg.image_interpolation_mode, data_fingerprint(ds.ds), m.vae.dtype)
+        folder = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache") / key
+    with accelerator.main_process_first():  # one process writes a disk cache, the others then read it
+        cache = build_cache(ds, m.vae, m.text_encoder, m.tokenizer, cfg.train_batch_size, folder)
+    if cache is None:
+        warnings.warn(f"Not caching latents: some images are not square at resolution {cfg.resolution} and "
+                      "--center_crop is off, so their random crop changes every epoch. Images are encoded at every "
+                      "step; pass --center_crop to cache them (or --cache_latents off to silence this).")
+        return ds
+    return CachedDataset(ds, cache)
+
 def forget_accelerate_state():
     "Clear accelerate's process-wide settings left by an earlier run in this process, if no run is active."
     # accelerate keeps its state (device, precision) for the life of the process, and refuses other settings
@@ -109,7 +142,8 @@ def setup(cfg: TrainConfig) -> Run:
     out = Path(cfg.output_dir)
     forget_accelerate_state()
     accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=1 if cfg.merge_accumulation else cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to, cpu=cfg.cpu,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
@@ -127,13 +161,16 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.prediction_type: m.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
 
     train_ds, eval_ds = make_datasets(cfg, m.tokenizer)
-    loader = lambda ds, shuffle: torch.utils.data.DataLoader(ds, batch_size=cfg.train_batch_size, shuffle=shuffle,
-                                                            collate_fn=collate, num_workers=cfg.dataloader_num_workers)
-    dl, eval_dl = loader(train_ds, True), eval_ds and loader(eval_ds, False)
+    train_ds = cached(cfg, train_ds, m, accelerator)
+    batch_size = cfg.train_batch_size * (cfg.gradient_accumulation_steps if cfg.merge_accumulation else 1)
+    loader = lambda ds, shuffle, bs: torch.utils.data.DataLoader(
+        ds, batch_size=bs, shuffle=shuffle, num_workers=cfg.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_cached if isinstance(ds, CachedDataset) else collate)
+    dl, eval_dl = loader(train_ds, True, batch_size), eval_ds and loader(eval_ds, False, cfg.train_batch_size)
     n = accelerator.num_processes
     lr = cfg.learning_rate * (cfg.gradient_accumulation_steps * cfg.train_batch_size * n if cfg.scale_lr else 1)
     optimizer = make_optimizer(params, cfg, lr)
-    steps_per_epoch = math.ceil(math.ceil(len(dl) / n) / cfg.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(math.ceil(len(dl) / n) / accelerator.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     # the prepared scheduler steps once per process each optimizer step, hence the factor n
     sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * n,
@@ -150,7 +187,7 @@ def setup(cfg: TrainConfig) -> Run:
         accelerator.load_state(str(ckpt))
         run.global_step = int(ckpt.name.split("-")[1])
         run.first_epoch, done = divmod(run.global_step, steps_per_epoch)
-        run.skip_batches = done * cfg.gradient_accumulation_steps
+        run.skip_batches = done * accelerator.gradient_accumulation_steps
     return run
 
 def _init(v: str):
@@ -235,6 +272,7 @@ class History:
     losses: list # the loss (device tensors until the end of the run)
     lrs: list # the learning rate
     grad_norms: list # the LoRA gradients' norm before clipping
+    step_times: list # `time.perf_counter()` after each step was queued (no device sync: for benchmarks)
 
 def epoch_batches(run: Run, epoch: int):
     "The batches of `epoch`, skipping those a resumed run has already trained on."
@@ -246,16 +284,17 @@ def epoch_batches(run: Run, epoch: int):
 def train_loop(run: Run) -> History:
     "Run the optimizer steps of `run`, with logging, checkpoints and validation."
     cfg, acc = run.cfg, run.accelerator
-    h, step_loss = History([], [], []), 0.0
+    h, step_loss = History([], [], [], []), 0.0
     bar = tqdm(total=run.max_train_steps, initial=run.global_step, disable=not acc.is_local_main_process)
     for epoch in range(run.first_epoch, run.num_train_epochs):
         run.unet.train()
         for batch in epoch_batches(run, epoch):
             loss, norm = train_step(run, batch)
-            step_loss = step_loss + loss / cfg.gradient_accumulation_steps
+            step_loss = step_loss + loss / acc.gradient_accumulation_steps
             if norm is None: continue  # a micro-step: gradients accumulate
             run.global_step += 1
             h.losses.append(step_loss); h.lrs.append(run.lr_scheduler.get_last_lr()[0]); h.grad_norms.append(norm)
+            h.step_times.append(time.perf_counter())
             step_loss = 0.0
             bar.update(1)
             if run.global_step % cfg.logging_steps == 0 or run.global_step == run.max_train_steps:
@@ -269,7 +308,7 @@ def train_loop(run: Run) -> History:
         if not cfg.validation_steps and (epoch + 1) % cfg.validation_epochs == 0: validate(run)
         if run.global_step >= run.max_train_steps: break
     bar.close()
-    return History([float(l) for l in h.losses], h.lrs, [float(n) for n in h.grad_norms])
+    return History([float(l) for l in h.losses], h.lrs, [float(n) for n in h.grad_norms], h.step_times)
 
 # %% ../nbs/05_train.ipynb #661e2907
 @dataclass
@@ -280,6 +319,7 @@ class TrainResult:
     losses: list # the loss of each optimizer step
     lrs: list # the learning rate of each optimizer step
     grad_norms: list # the LoRA gradients' norm before clipping, each optimizer step
+    step_times: list # when each optimizer step was queued (`time.perf_counter()`)
     global_step: int
     eval_loss: float|None # the final fixed-noise loss (the same on every process)
     lora: dict # the final LoRA weights (diffusers naming), as this process holds them
@@ -309,7 +349,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     lora = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(acc.unwrap_model(run.unet)).items()}
     acc.wait_for_everyone()
     acc.end_training()
-    return TrainResult(Path(cfg.output_dir), lora_path, h.losses, h.lrs, h.grad_norms, run.global_step, eval_loss, lora)
+    return TrainResult(Path(cfg.output_dir), lora_path, h.losses, h.lrs, h.grad_norms, h.step_times, run.global_step,
+                       eval_loss, lora)
 
 # %% ../nbs/05_train.ipynb #9f673499
 def main(argv: list[str]|None=None):

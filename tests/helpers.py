@@ -7,7 +7,7 @@ from sd_lora.config import TrainConfig
 
 def tiny_config(data_dir, output_dir, **kw) -> TrainConfig:
     "A fast run on the tiny model and the demo data."
-    base = dict(train_data_dir=str(data_dir), output_dir=str(output_dir), resolution=64, train_batch_size=2,
+    base = dict(train_data_dir=str(data_dir), output_dir=str(output_dir), resolution=64, center_crop=True, train_batch_size=2,
                 max_train_steps=4, learning_rate=1e-3, lr_warmup_steps=0, seed=0, report_to="none",
                 checkpointing_steps=1000, eval_samples=4)
     return TrainConfig(**{**base, **kw})

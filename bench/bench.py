@@ -1,0 +1,146 @@
+"""Training throughput of sd_lora: images/s, step time, peak memory and MFU, per configuration.
+
+The SD1.5 architecture with random weights (no download; random weights train at the speed of real ones) on a
+synthetic JPEG imagefolder, or the tiny model on the CPU (`--tiny`, the smoke test CI runs). Examples:
+
+    python bench/bench.py --tiny --steps 4 --warmup 2                 # CPU smoke test, about a minute
+    python bench/bench.py --steps 40 --warmup 10 --out bench/results/h200.json   # on a GPU
+"""
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from sd_lora.core import quiet
+from sd_lora.config import TrainConfig
+from sd_lora.models import TINY_SD, byte_clip_tokenizer
+from sd_lora.train import setup, train_loop
+
+# name -> TrainConfig overrides; "documented" is the diffusers docs' configuration (batch 1, accumulation 4)
+CONFIGS = {
+    "documented-plain": dict(train_batch_size=1, gradient_accumulation_steps=4, cache_latents="off"),
+    "documented": dict(train_batch_size=1, gradient_accumulation_steps=4),
+    "documented-merged": dict(train_batch_size=1, gradient_accumulation_steps=4, merge_accumulation=True),
+    "b8": dict(train_batch_size=8), "b16": dict(train_batch_size=16), "b32": dict(train_batch_size=32),
+}
+
+
+def sd15_folder(root: Path) -> str:
+    "Save an SD1.5-architecture pipeline with random weights (once) and return its folder."
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    path = root / "sd15-random"
+    if (path / "model_index.json").exists(): return str(path)
+    tok = byte_clip_tokenizer()
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id))
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                          clip_sample=False)
+    StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=te, tokenizer=tok, scheduler=sched, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
+    return str(path)
+
+
+def synthetic_images(root: Path, n: int, size: int) -> str:
+    "An imagefolder of `n` smooth random JPEGs with captions."
+    path = root / f"images-{n}-{size}"
+    if (path / "metadata.jsonl").exists(): return str(path)
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(path / f"{i:05d}.jpg", quality=90)
+        rows.append(json.dumps({"file_name": f"{i:05d}.jpg", "text": f"a synthetic picture number {i}"}))
+    (path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def unet_flops_per_image(run) -> float:
+    "FLOPs of one UNet forward and backward (LoRA training step), per image, counted by PyTorch."
+    unet, m = run.unet, run.m
+    res = run.cfg.resolution // (2 ** (len(m.vae.config.block_out_channels) - 1))
+    x = torch.randn(2, 4, res, res, device=m.vae.device, dtype=m.vae.dtype)
+    text = torch.randn(2, 77, m.text_encoder.config.hidden_size, device=x.device, dtype=x.dtype)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([10, 500], device=x.device), text, return_dict=False)[0].float().pow(2).mean().backward()
+    run.optimizer.zero_grad()
+    return counter.get_total_flops() / 2
+
+
+def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: float|None) -> dict:
+    "Train `warmup + steps` optimizer steps and time the last `steps`."
+    cuda = torch.cuda.is_available()
+    run = setup(cfg)
+    flops = unet_flops_per_image(run)
+    run.max_train_steps = warmup + steps
+    if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    h = train_loop(run)
+    if cuda: torch.cuda.synchronize()
+    end = time.perf_counter()
+    run.accelerator.end_training()
+    images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    step_s = (end - h.step_times[warmup - 1]) / steps
+    ips = images_per_step / step_s
+    return {"config": name, "batch": cfg.train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
+            "cache": cfg.cache_latents, "merged": cfg.merge_accumulation, "images_per_s": round(ips, 2),
+            "step_s": round(step_s, 4),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "gflop_per_image": round(flops / 1e9, 2), "mfu": round(flops * ips / peak_flops, 4) if peak_flops else None}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="the tiny model at 64 px (CPU smoke test)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
+    p.add_argument("--steps", type=int, default=40, help="timed optimizer steps per configuration")
+    p.add_argument("--warmup", type=int, default=10, help="untimed optimizer steps first")
+    p.add_argument("--images", type=int, default=192, help="images in the synthetic data set")
+    p.add_argument("--mixed_precision", default=None, help="default: bf16 on a GPU, no on the CPU")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 peak (default: 790 on CUDA)")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sd_lora_bench"))
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    quiet()
+    cuda = torch.cuda.is_available()
+    work = Path(args.workdir); work.mkdir(parents=True, exist_ok=True)
+    res = 64 if args.tiny else 512
+    model = TINY_SD if args.tiny else sd15_folder(work)
+    data = synthetic_images(work, args.images, res)
+    peak = (args.peak_tflops or (790 if cuda else 0)) * 1e12 or None
+    rows = []
+    for name in args.configs.split(","):
+        cfg = TrainConfig(pretrained_model_name_or_path=model, train_data_dir=data, output_dir=str(work / "out" / name),
+                          resolution=res, random_flip=True, learning_rate=1e-4, lr_scheduler="constant",
+                          lr_warmup_steps=0, seed=42, report_to="none", checkpointing_steps=10**9, eval_samples=0,
+                          logging_steps=10**9, mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"),
+                          dataloader_num_workers=8 if cuda else 0, **CONFIGS[name])
+        rows.append(measure(name, cfg, args.warmup, args.steps, peak))
+        print(json.dumps(rows[-1]), flush=True)
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    report = {"device": device, "torch": torch.__version__, "model": "tiny" if args.tiny else "sd15-architecture",
+              "resolution": res, "command": "python bench/bench.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+              "results": rows}
+    print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | images/s | step (s) | peak GiB | GFLOP/image | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['batch']} x {r['accumulation']} | {r['images_per_s']} | {r['step_s']} | "
+              f"{r['peak_mem_gib']} | {r['gflop_per_image']} | {r['mfu']} |")
+    if args.out: Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
