@@ -62,7 +62,9 @@ def save_checkpoint(accelerator: Accelerator, # the run's accelerator
         old = checkpoints(output_dir)
         for p in old[:max(0, len(old) - total_limit + 1)]: shutil.rmtree(p)
     accelerator.save_state(str(tmp))
-    if accelerator.is_main_process: tmp.rename(final)
+    if accelerator.is_main_process:
+        if final.exists(): shutil.rmtree(final)  # the same step saved again (e.g. after a resume): replace it
+        tmp.rename(final)
     accelerator.wait_for_everyone()
     return final
 

@@ -73,6 +73,7 @@ class TrainConfig:
     cache_latents: str = "memory" # (sd_lora) encode images and captions once before training: memory, disk or off
     latent_cache_dir: str|None = None # (sd_lora) where the disk cache lives (default: output_dir/latent_cache)
     merge_accumulation: bool = False # (sd_lora) train each accumulation group as one batch: same gradients, fewer launches, more memory
+    max_bad_steps: int = 5 # (sd_lora) stop after this many steps in a row with NaN or Inf gradients (each is skipped)
     logging_steps: int = 10 # (sd_lora) read the loss back from the device every this many steps
     cpu: bool = False # (sd_lora) train on the CPU even if a GPU is present; needed for multi-process CPU runs
 

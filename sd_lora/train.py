@@ -5,6 +5,7 @@
 # %% ../nbs/05_train.ipynb #7152a327
 from __future__ import annotations
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,11 +28,13 @@ from .outputs import save_outputs, push_to_hub
 from .diffusion import noisify, target_for, min_snr_weights, diffusion_loss, sample_noise
 from .checkpoints import GeneratorState, register_lora_hooks, save_checkpoint, find_checkpoint
 from .cache import build_cache, cache_key, data_fingerprint, CachedDataset, collate_cached
+from .guards import preflight, StopSignals, TrainingInterrupted, nonfinite, skipping_step, check_finite_weights, NONFINITE_ADVICE
 
 # %% auto #0
 __all__ = ['encode_batch', 'training_loss', 'Run', 'make_optimizer', 'make_datasets', 'cached', 'forget_accelerate_state',
-           'setup', 'train_step', 'fixed_noise_losses', 'evaluate', 'components_pipeline', 'log_validation', 'validate',
-           'History', 'epoch_batches', 'train_loop', 'TrainResult', 'final_validation', 'train', 'main']
+           'setup', 'apply_update', 'train_step', 'fixed_noise_losses', 'evaluate', 'components_pipeline',
+           'log_validation', 'validate', 'History', 'epoch_batches', 'stop_requested', 'log_step', 'train_loop',
+           'TrainResult', 'final_validation', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #d97c0bc0
 @torch.no_grad()
@@ -148,7 +151,7 @@ def setup(cfg: TrainConfig) -> Run:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     if cfg.seed is not None: set_seed(cfg.seed)
-    if accelerator.is_main_process: out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process: preflight(out)
     if cfg.allow_tf32: torch.backends.cuda.matmul.allow_tf32 = True
     dtype = weight_dtype(accelerator.mixed_precision)
 
@@ -201,17 +204,27 @@ def _enable_xformers(unet):
     unet.enable_xformers_memory_efficient_attention()
 
 # %% ../nbs/05_train.ipynb #605e4526
-def train_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor|None]:
-    "Forward, backward and (when gradients sync) clip and step; returns the loss and the pre-clip gradient norm."
+def apply_update(run: Run, bad: torch.Tensor):
+    "The optimizer step, skipped when `bad` (a device flag) is set."
+    inner = run.optimizer.optimizer
+    if run.optimizer.scaler is None and inner.defaults.get("fused"): return skipping_step(inner, bad)
+    # fp16's gradient scaler skips non-finite steps itself; any other optimizer needs the flag on the host
+    if run.optimizer.scaler is not None or not bad.item(): run.optimizer.step()
+
+def train_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor|None, torch.Tensor|None]:
+    "Forward, backward, and when gradients sync: clip and step. Returns the loss, the pre-clip norm, the skip flag."
     acc, cfg = run.accelerator, run.cfg
+    norm = bad = None
     with acc.accumulate(run.unet):
         loss = training_loss(batch, run.m, run.unet, run.generator, run.prediction_type, cfg.snr_gamma, cfg.noise_offset)
         acc.backward(loss)
-        norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm) if acc.sync_gradients else None
-        run.optimizer.step()
+        if acc.sync_gradients:
+            norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+            bad = nonfinite(loss, norm)
+            apply_update(run, bad)
         run.lr_scheduler.step()
         run.optimizer.zero_grad()
-    return loss.detach(), norm
+    return loss.detach(), norm, bad
 
 # %% ../nbs/05_train.ipynb #b3b674dd
 @torch.no_grad()
@@ -273,6 +286,7 @@ class History:
     lrs: list # the learning rate
     grad_norms: list # the LoRA gradients' norm before clipping
     step_times: list # `time.perf_counter()` after each step was queued (no device sync: for benchmarks)
+    skipped_steps: int # optimizer steps skipped for NaN or Inf
 
 def epoch_batches(run: Run, epoch: int):
     "The batches of `epoch`, skipping those a resumed run has already trained on."
@@ -281,34 +295,55 @@ def epoch_batches(run: Run, epoch: int):
     dl.set_epoch(epoch)
     return dl
 
+def stop_requested(run: Run, stop: StopSignals) -> bool:
+    "Whether a signal asked to stop; with several processes, agreed by all at logging steps."
+    acc = run.accelerator
+    if acc.num_processes == 1: return stop.signum is not None
+    if run.global_step % run.cfg.logging_steps: return False
+    return acc.reduce(torch.tensor(float(stop.signum or 0), device=acc.device), "max").item() > 0
+
+def log_step(run: Run, h: History, bar, streak: torch.Tensor, skipped: torch.Tensor):
+    "Read the loss back from the device, show and log it; stop on a run of non-finite steps."
+    acc = run.accelerator
+    logs = {"train_loss": acc.reduce(h.losses[-1], "mean").item(), "lr": h.lrs[-1], "grad_norm": h.grad_norms[-1].item(),
+            "skipped_steps": skipped.item()}
+    bar.set_postfix(loss=f"{logs['train_loss']:.4f}", lr=f"{logs['lr']:.2e}")
+    acc.log(logs, step=run.global_step)
+    if streak.item() >= run.cfg.max_bad_steps: raise FloatingPointError(NONFINITE_ADVICE.format(n=int(streak.item())))
+
 def train_loop(run: Run) -> History:
-    "Run the optimizer steps of `run`, with logging, checkpoints and validation."
+    "Run the optimizer steps of `run`, with logging, checkpoints, validation and a clean stop on SIGINT/SIGTERM."
     cfg, acc = run.cfg, run.accelerator
-    h, step_loss = History([], [], [], []), 0.0
+    h, step_loss = History([], [], [], [], 0), 0.0
+    streak = skipped = torch.zeros((), device=acc.device)
     bar = tqdm(total=run.max_train_steps, initial=run.global_step, disable=not acc.is_local_main_process)
-    for epoch in range(run.first_epoch, run.num_train_epochs):
-        run.unet.train()
-        for batch in epoch_batches(run, epoch):
-            loss, norm = train_step(run, batch)
-            step_loss = step_loss + loss / acc.gradient_accumulation_steps
-            if norm is None: continue  # a micro-step: gradients accumulate
-            run.global_step += 1
-            h.losses.append(step_loss); h.lrs.append(run.lr_scheduler.get_last_lr()[0]); h.grad_norms.append(norm)
-            h.step_times.append(time.perf_counter())
-            step_loss = 0.0
-            bar.update(1)
-            if run.global_step % cfg.logging_steps == 0 or run.global_step == run.max_train_steps:
-                logs = {"train_loss": acc.reduce(h.losses[-1], "mean").item(), "lr": h.lrs[-1], "grad_norm": norm.item()}
-                bar.set_postfix(loss=f"{logs['train_loss']:.4f}", lr=f"{logs['lr']:.2e}")
-                acc.log(logs, step=run.global_step)
-            if run.global_step % cfg.checkpointing_steps == 0:
-                save_checkpoint(acc, cfg.output_dir, run.global_step, cfg.checkpoints_total_limit)
-            if cfg.validation_steps and run.global_step % cfg.validation_steps == 0: validate(run)
+    with StopSignals() as stop:
+        for epoch in range(run.first_epoch, run.num_train_epochs):
+            run.unet.train()
+            for batch in epoch_batches(run, epoch):
+                loss, norm, bad = train_step(run, batch)
+                step_loss = step_loss + loss / acc.gradient_accumulation_steps
+                if norm is None: continue  # a micro-step: gradients accumulate
+                run.global_step += 1
+                streak, skipped = (streak + 1) * bad, skipped + bad
+                h.losses.append(step_loss); h.lrs.append(run.lr_scheduler.get_last_lr()[0]); h.grad_norms.append(norm)
+                h.step_times.append(time.perf_counter())
+                step_loss = 0.0
+                bar.update(1)
+                if run.global_step % cfg.logging_steps == 0 or run.global_step == run.max_train_steps:
+                    log_step(run, h, bar, streak, skipped)
+                saved = None
+                if run.global_step % cfg.checkpointing_steps == 0:
+                    saved = save_checkpoint(acc, cfg.output_dir, run.global_step, cfg.checkpoints_total_limit)
+                if stop_requested(run, stop):
+                    saved = saved or save_checkpoint(acc, cfg.output_dir, run.global_step, cfg.checkpoints_total_limit)
+                    raise TrainingInterrupted(stop.signum or 15, saved)
+                if cfg.validation_steps and run.global_step % cfg.validation_steps == 0: validate(run)
+                if run.global_step >= run.max_train_steps: break
+            if not cfg.validation_steps and (epoch + 1) % cfg.validation_epochs == 0: validate(run)
             if run.global_step >= run.max_train_steps: break
-        if not cfg.validation_steps and (epoch + 1) % cfg.validation_epochs == 0: validate(run)
-        if run.global_step >= run.max_train_steps: break
     bar.close()
-    return History([float(l) for l in h.losses], h.lrs, [float(n) for n in h.grad_norms], h.step_times)
+    return History([float(l) for l in h.losses], h.lrs, [float(n) for n in h.grad_norms], h.step_times, int(skipped.item()))
 
 # %% ../nbs/05_train.ipynb #661e2907
 @dataclass
@@ -320,6 +355,7 @@ class TrainResult:
     lrs: list # the learning rate of each optimizer step
     grad_norms: list # the LoRA gradients' norm before clipping, each optimizer step
     step_times: list # when each optimizer step was queued (`time.perf_counter()`)
+    skipped_steps: int # optimizer steps skipped for NaN or Inf
     global_step: int
     eval_loss: float|None # the final fixed-noise loss (the same on every process)
     lora: dict # the final LoRA weights (diffusers naming), as this process holds them
@@ -337,26 +373,34 @@ def train(cfg: TrainConfig) -> TrainResult:
     acc = run.accelerator
     if cfg.report_to != "none":
         acc.init_trackers("text2image-fine-tune", config={k: v for k, v in public_config(cfg).items() if v is not None})
-    h = train_loop(run)
+    try: h = train_loop(run)
+    except BaseException:
+        acc.end_training()
+        raise
+    if h.skipped_steps: warnings.warn(f"{h.skipped_steps} optimizer steps had NaN or Inf gradients and were skipped")
     eval_loss = evaluate(run) if run.eval_dataloader is not None else None
     acc.wait_for_everyone()
+    lora = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(acc.unwrap_model(run.unet)).items()}
+    check_finite_weights(lora)
     lora_path = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
     if acc.is_main_process:
         save_outputs(cfg, acc.unwrap_model(run.unet), num_processes=acc.num_processes,
-                     mixed_precision=acc.mixed_precision, global_step=run.global_step)
+                     mixed_precision=acc.mixed_precision, global_step=run.global_step, skipped_steps=h.skipped_steps)
         if cfg.validation_prompt: final_validation(acc, cfg, run.global_step)
         if cfg.push_to_hub: push_to_hub(cfg)
-    lora = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(acc.unwrap_model(run.unet)).items()}
     acc.wait_for_everyone()
     acc.end_training()
-    return TrainResult(Path(cfg.output_dir), lora_path, h.losses, h.lrs, h.grad_norms, h.step_times, run.global_step,
-                       eval_loss, lora)
+    return TrainResult(Path(cfg.output_dir), lora_path, h.losses, h.lrs, h.grad_norms, h.step_times, h.skipped_steps,
+                       run.global_step, eval_loss, lora)
 
 # %% ../nbs/05_train.ipynb #9f673499
 def main(argv: list[str]|None=None):
     "Command-line entry point: `sd_lora_train`, `python -m sd_lora.train`, `accelerate launch -m sd_lora.train`."
     quiet()
-    res = train(parse_args(argv))
+    try: res = train(parse_args(argv))
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
     print(f"Saved {res.lora_path}")
 
 # %% ../nbs/05_train.ipynb #6aee727e
