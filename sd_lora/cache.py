@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from .core import to_tensor
-from .data import ImageCaptionDataset, resize_shorter, crop_box, pick_caption
+from .data import ImageCaptionDataset, resize_shorter, crop_box, pick_caption, to_rgb
 
 # %% auto #0
 __all__ = ['fixed_crop', 'cache_key', 'data_fingerprint', 'LatentCache', 'build_cache', 'CachedDataset', 'collate_cached']
@@ -24,7 +24,7 @@ def fixed_crop(img, # a PIL image
                interpolation: str="lanczos", # the run's resize filter
               ):
     "The training crop of `img` if it is the same every epoch, else `None`."
-    img = resize_shorter(img.convert("RGB"), resolution, interpolation)
+    img = resize_shorter(to_rgb(img), resolution, interpolation)
     if not center_crop and img.size != (resolution, resolution): return None
     top, left = crop_box(img.width, img.height, resolution, True, None)
     return img.crop((left, top, left + resolution, top + resolution))

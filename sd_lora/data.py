@@ -9,12 +9,12 @@ import random
 from pathlib import Path
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from .core import to_tensor
 
 # %% auto #0
 __all__ = ['DEMO_IMAGES', 'INTERPOLATIONS', 'make_demo_data', 'load_image_dataset', 'check_columns', 'resize_shorter', 'crop_box',
-           'preprocess_image', 'pick_caption', 'tokenize', 'ImageCaptionDataset', 'collate']
+           'to_rgb', 'preprocess_image', 'pick_caption', 'tokenize', 'ImageCaptionDataset', 'collate']
 
 # %% ../nbs/01_data.ipynb #cd132858
 DEMO_IMAGES = {  # scikit-image sample -> caption
@@ -105,6 +105,19 @@ def crop_box(w: int, h: int, # the image size
     if center: return (h - size) // 2, (w - size) // 2
     return rng.randint(0, h - size), rng.randint(0, w - size)
 
+def to_rgb(img: Image.Image, # a photo in any mode: RGB, L, P, RGBA, LA, CMYK, 16-bit, with or without EXIF rotation
+          ) -> Image.Image:
+    "The photo upright (EXIF orientation applied) as 8-bit RGB, transparency composited on white."
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16- or 32-bit grey: scale to 8 bits, not clip
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((a * 255.0 / max(a.max(), 1.0)).round().astype(np.uint8), "L")
+    if img.mode == "P": img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("RGB")
+
 def preprocess_image(img: Image.Image, # the photo, any mode
                      resolution: int, # the side of the square training image
                      center_crop: bool=False, # centre crop, else random
@@ -115,13 +128,13 @@ def preprocess_image(img: Image.Image, # the photo, any mode
     "Resize, crop, flip and normalise one photo; also report the crop corner and original size (for SDXL)."
     rng = rng or random.Random()
     original_size = (img.height, img.width)
-    img = resize_shorter(img.convert("RGB"), resolution, interpolation)
+    img = resize_shorter(to_rgb(img), resolution, interpolation)
     top, left = crop_box(img.width, img.height, resolution, center_crop, rng)
     img = img.crop((left, top, left + resolution, top + resolution))
     if random_flip and rng.random() < 0.5: img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return {"pixel_values": to_tensor(img), "crop_top_left": (top, left), "original_size": original_size}
 
-# %% ../nbs/01_data.ipynb #063f1f1e
+# %% ../nbs/01_data.ipynb #ef6f255b
 def pick_caption(caption, # a string, or a list of strings
                  rng: random.Random|None=None, # pick at random with this; `None` picks the first
                 ) -> str:
@@ -138,7 +151,7 @@ def tokenize(tokenizer, # a CLIP tokenizer
     return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
                      truncation=True, return_tensors="pt").input_ids
 
-# %% ../nbs/01_data.ipynb #39e14582
+# %% ../nbs/01_data.ipynb #c7f08526
 class ImageCaptionDataset(torch.utils.data.Dataset):
     "Training items (`pixel_values`, `input_ids`) from a data set of images and captions."
     def __init__(self, ds, # a `datasets.Dataset` (or any sequence of dicts)

@@ -107,7 +107,11 @@ def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[ImageCaptionDataset, Ima
     "The training set and a small fixed evaluation set (centre crops, no flips) from the same images."
     ds = load_image_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.dataset_config_name, cfg.cache_dir)
     check_columns(ds, cfg.image_column, cfg.caption_column)
+    if len(ds) == 0: raise ValueError(f"the data set {cfg.dataset_name or cfg.train_data_dir!r} has no examples")
     if cfg.max_train_samples is not None:
+        if cfg.max_train_samples > len(ds):
+            warnings.warn(f"--max_train_samples {cfg.max_train_samples} is more than the data set's {len(ds)} "
+                          "examples: training on all of them")
         ds = ds.shuffle(seed=cfg.seed).select(range(min(cfg.max_train_samples, len(ds))))
     kw = dict(interpolation=cfg.image_interpolation_mode, image_column=cfg.image_column,
               caption_column=cfg.caption_column, seed=cfg.seed or 0)

@@ -57,3 +57,28 @@ def test_random_crop_stays_inside_and_flip_mirrors():
 def test_bad_interpolation_lists_the_choices():
     with pytest.raises(ValueError, match="lanczos"):
         preprocess_image(Image.new("RGB", (64, 64)), 32, interpolation="cubic-ish")
+
+
+def test_every_image_mode_becomes_upright_8bit_rgb(tmp_path):
+    import io
+    import numpy as np
+    from sd_lora.data import to_rgb
+    cases = {"RGBA": Image.new("RGBA", (8, 6), (0, 0, 255, 128)), "LA": Image.new("LA", (8, 6)),
+             "P": Image.new("P", (8, 6)), "CMYK": Image.new("CMYK", (8, 6)), "L": Image.new("L", (8, 6), 7),
+             "I;16": Image.fromarray(np.arange(48, dtype=np.uint16).reshape(6, 8) * 1000), "1": Image.new("1", (8, 6))}
+    for mode, img in cases.items():
+        out = to_rgb(img)
+        assert out.mode == "RGB" and out.size == (8, 6), mode
+    assert to_rgb(cases["I;16"]).getpixel((7, 5))[0] == 255  # scaled, not clipped
+    buf, exif = io.BytesIO(), Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (40, 20), "red").save(buf, "JPEG", exif=exif)
+    assert to_rgb(Image.open(buf)).size == (20, 40)
+
+
+def test_max_train_samples_beyond_the_data_set_warns_and_uses_all(demo_data, tmp_path):
+    from sd_lora.train import make_datasets
+    from helpers import tiny_config
+    with pytest.warns(UserWarning, match="more than the data set's 12"):
+        train_ds, _ = make_datasets(tiny_config(demo_data, tmp_path, max_train_samples=50), byte_clip_tokenizer())
+    assert len(train_ds) == 12
