@@ -4,8 +4,10 @@
 
 # %% ../nbs/01_data.ipynb #b05cf3c5
 from __future__ import annotations
+import io
 import json
 import random
+import warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,8 +15,9 @@ from PIL import Image, ImageOps
 from .core import to_tensor
 
 # %% auto #0
-__all__ = ['DEMO_IMAGES', 'INTERPOLATIONS', 'make_demo_data', 'load_image_dataset', 'check_columns', 'resize_shorter', 'crop_box',
-           'to_rgb', 'preprocess_image', 'pick_caption', 'tokenize', 'ImageCaptionDataset', 'collate']
+__all__ = ['DEMO_IMAGES', 'INTERPOLATIONS', 'make_demo_data', 'load_image_dataset', 'check_columns', 'drop_unreadable',
+           'resize_shorter', 'crop_box', 'to_rgb', 'preprocess_image', 'pick_caption', 'tokenize',
+           'ImageCaptionDataset', 'collate']
 
 # %% ../nbs/01_data.ipynb #cd132858
 DEMO_IMAGES = {  # scikit-image sample -> caption
@@ -82,6 +85,29 @@ def check_columns(ds, # a `datasets.Dataset`
                              f"{ds.column_names}: pass --{role}_column with one of them")
 
 # %% ../nbs/01_data.ipynb #4787c930
+def drop_unreadable(ds, # a `datasets.Dataset`
+                    image_column: str="image", # the column holding images
+                   ):
+    "`ds` without the rows whose image cannot be decoded, with one warning naming them."
+    from datasets import Image as ImageFeature
+    raw = ds.cast_column(image_column, ImageFeature(decode=False)) if hasattr(ds, "cast_column") else ds
+    bad = []
+    for i in range(len(ds)):
+        cell = raw[i][image_column]
+        try:
+            if isinstance(cell, Image.Image): cell.load(); continue
+            with Image.open(cell["path"] if cell.get("bytes") is None else io.BytesIO(cell["bytes"])) as img: img.load()
+        except Exception as e:
+            bad.append((i, cell.get("path") if isinstance(cell, dict) else i, f"{type(e).__name__}: {e}"))
+    if not bad: return ds
+    shown = "; ".join(f"{p} ({err})" for _, p, err in bad[:5])
+    warnings.warn(f"skipping {len(bad)} of {len(ds)} images that cannot be read: {shown}"
+                  f"{' ...' if len(bad) > 5 else ''}. Remove or replace them to train on all.")
+    if len(bad) == len(ds): raise ValueError(f"none of the {len(ds)} images can be read, e.g. {shown}")
+    drop = {i for i, _, _ in bad}
+    return ds.select([i for i in range(len(ds)) if i not in drop])
+
+# %% ../nbs/01_data.ipynb #063f1f1e
 INTERPOLATIONS = {"nearest": Image.NEAREST, "nearest-exact": Image.NEAREST, "bilinear": Image.BILINEAR,
                   "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 
@@ -134,7 +160,7 @@ def preprocess_image(img: Image.Image, # the photo, any mode
     if random_flip and rng.random() < 0.5: img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return {"pixel_values": to_tensor(img), "crop_top_left": (top, left), "original_size": original_size}
 
-# %% ../nbs/01_data.ipynb #ef6f255b
+# %% ../nbs/01_data.ipynb #81ffcee2
 def pick_caption(caption, # a string, or a list of strings
                  rng: random.Random|None=None, # pick at random with this; `None` picks the first
                 ) -> str:
@@ -151,7 +177,7 @@ def tokenize(tokenizer, # a CLIP tokenizer
     return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
                      truncation=True, return_tensors="pt").input_ids
 
-# %% ../nbs/01_data.ipynb #c7f08526
+# %% ../nbs/01_data.ipynb #bc866c19
 class ImageCaptionDataset(torch.utils.data.Dataset):
     "Training items (`pixel_values`, `input_ids`) from a data set of images and captions."
     def __init__(self, ds, # a `datasets.Dataset` (or any sequence of dicts)

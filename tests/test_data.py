@@ -82,3 +82,25 @@ def test_max_train_samples_beyond_the_data_set_warns_and_uses_all(demo_data, tmp
     with pytest.warns(UserWarning, match="more than the data set's 12"):
         train_ds, _ = make_datasets(tiny_config(demo_data, tmp_path, max_train_samples=50), byte_clip_tokenizer())
     assert len(train_ds) == 12
+
+
+def test_training_skips_unreadable_images_with_one_warning(demo_data, tmp_path):
+    import shutil
+    from sd_lora.train import train
+    from helpers import tiny_config
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    jpeg = (data / "coffee.jpg").read_bytes()
+    (data / "coffee.jpg").write_bytes(jpeg[: len(jpeg) // 4])
+    (data / "moon.jpg").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"skipping 2 of 12 images .*coffee.jpg.*moon.jpg"):
+        res = train(tiny_config(data, tmp_path / "out", max_train_steps=3))
+    assert res.global_step == 3 and res.lora_path.exists()
+
+
+def test_a_folder_of_unreadable_images_stops_before_training(tmp_path):
+    from sd_lora.data import drop_unreadable
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "x"}\n')
+    with pytest.raises(ValueError, match="none of the 1 images can be read"), pytest.warns(UserWarning):
+        drop_unreadable(load_image_dataset(train_data_dir=str(tmp_path)))
