@@ -16,8 +16,8 @@ from .core import to_tensor
 
 # %% auto #0
 __all__ = ['DEMO_IMAGES', 'INTERPOLATIONS', 'make_demo_data', 'load_image_dataset', 'check_columns', 'drop_unreadable',
-           'resize_shorter', 'crop_box', 'to_rgb', 'preprocess_image', 'pick_caption', 'tokenize',
-           'ImageCaptionDataset', 'collate']
+           'resize_shorter', 'crop_box', 'to_rgb', 'preprocess_image', 'pick_caption', 'tokenize', 'drop_bad_captions',
+           'warn_long_captions', 'ImageCaptionDataset', 'collate']
 
 # %% ../nbs/01_data.ipynb #cd132858
 DEMO_IMAGES = {  # scikit-image sample -> caption
@@ -178,6 +178,34 @@ def tokenize(tokenizer, # a CLIP tokenizer
                      truncation=True, return_tensors="pt").input_ids
 
 # %% ../nbs/01_data.ipynb #bc866c19
+def _caption_ok(cell) -> bool:
+    if isinstance(cell, str): return bool(cell.strip())
+    return isinstance(cell, (list, tuple, np.ndarray)) and len(cell) > 0 and all(isinstance(c, str) and c.strip() for c in cell)
+
+def drop_bad_captions(ds, # a `datasets.Dataset`
+                      caption_column: str="text", # the column holding captions
+                     ):
+    "`ds` without rows whose caption is missing, empty or not a string (or list of strings), with one warning."
+    captions = list(ds[caption_column])
+    bad = [i for i, c in enumerate(captions) if not _caption_ok(c)]
+    if not bad: return ds
+    if len(bad) == len(ds): raise ValueError(f"no row of column '{caption_column}' holds a caption: fix the captions or pass --caption_column")
+    warnings.warn(f"skipping {len(bad)} of {len(ds)} rows whose caption is missing, empty or not text "
+                  f"(rows {bad[:5]}{' ...' if len(bad) > 5 else ''}): fix them in the caption column to train on all")
+    keep = set(range(len(ds))) - set(bad)
+    return ds.select(sorted(keep))
+
+def warn_long_captions(captions: list, # caption cells
+                       tokenizer, # the text encoder's tokenizer
+                      ) -> int: # how many captions are too long
+    "Warn once if some captions are longer than the tokenizer's maximum length (they will be truncated)."
+    flat = [c for cell in captions for c in ([cell] if isinstance(cell, str) else cell)]
+    long = [c for c in flat if len(tokenizer(c).input_ids) > tokenizer.model_max_length]
+    if long: warnings.warn(f"{len(long)} captions are longer than {tokenizer.model_max_length} tokens and will be "
+                           f"truncated, e.g. {long[0][:60]!r}...")
+    return len(long)
+
+# %% ../nbs/01_data.ipynb #adb05076
 class ImageCaptionDataset(torch.utils.data.Dataset):
     "Training items (`pixel_values`, `input_ids`) from a data set of images and captions."
     def __init__(self, ds, # a `datasets.Dataset` (or any sequence of dicts)

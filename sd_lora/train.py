@@ -20,7 +20,8 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from .core import weight_dtype, image_grid, quiet
-from .data import load_image_dataset, check_columns, drop_unreadable, ImageCaptionDataset, collate
+from .data import (load_image_dataset, check_columns, drop_unreadable, drop_bad_captions, warn_long_captions,
+                          ImageCaptionDataset, collate)
 from .models import load_components, load_pipeline
 from .lora import lora_config, add_lora, unet_lora_state_dict
 from .config import TrainConfig, parse_args, public_config
@@ -108,7 +109,7 @@ def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[ImageCaptionDataset, Ima
     ds = load_image_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.dataset_config_name, cfg.cache_dir)
     check_columns(ds, cfg.image_column, cfg.caption_column)
     if len(ds) == 0: raise ValueError(f"the data set {cfg.dataset_name or cfg.train_data_dir!r} has no examples")
-    ds = drop_unreadable(ds, cfg.image_column)
+    ds = drop_unreadable(drop_bad_captions(ds, cfg.caption_column), cfg.image_column)
     if cfg.max_train_samples is not None:
         if cfg.max_train_samples > len(ds):
             warnings.warn(f"--max_train_samples {cfg.max_train_samples} is more than the data set's {len(ds)} "
@@ -116,6 +117,7 @@ def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[ImageCaptionDataset, Ima
         ds = ds.shuffle(seed=cfg.seed).select(range(min(cfg.max_train_samples, len(ds))))
     kw = dict(interpolation=cfg.image_interpolation_mode, image_column=cfg.image_column,
               caption_column=cfg.caption_column, seed=cfg.seed or 0)
+    warn_long_captions(list(ds[cfg.caption_column]), tokenizer)
     train_ds = ImageCaptionDataset(ds, tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, **kw)
     n_eval = min(cfg.eval_samples, len(ds))
     eval_ds = ImageCaptionDataset(ds.select(range(n_eval)), tokenizer, cfg.resolution, True, False, **kw) if n_eval else None

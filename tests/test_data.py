@@ -104,3 +104,18 @@ def test_a_folder_of_unreadable_images_stops_before_training(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "x"}\n')
     with pytest.raises(ValueError, match="none of the 1 images can be read"), pytest.warns(UserWarning):
         drop_unreadable(load_image_dataset(train_data_dir=str(tmp_path)))
+
+
+def test_bad_and_long_captions(tmp_path):
+    import json
+    from sd_lora.data import drop_bad_captions, warn_long_captions
+    for i in range(4): Image.new("RGB", (16, 16)).save(tmp_path / f"{i}.png")
+    rows = [{"file_name": "0.png", "text": "a cat"}, {"file_name": "1.png", "text": ""},
+            {"file_name": "2.png", "text": "   "}, {"file_name": "3.png", "text": "word " * 100}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_image_dataset(train_data_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="skipping 2 of 4 rows"):
+        kept = drop_bad_captions(ds)
+    assert list(kept["text"]) == ["a cat", "word " * 100]
+    with pytest.warns(UserWarning, match="1 captions are longer than 77 tokens"):
+        assert warn_long_captions(list(kept["text"]), byte_clip_tokenizer()) == 1
