@@ -31,3 +31,29 @@ def test_two_processes_stay_in_sync_and_only_rank0_writes(demo_data, tmp_path):
     written = sorted(p.name for p in tmp_path.glob("wrote-*"))
     assert written == ["wrote-checkpoint_lora-rank0", "wrote-outputs-rank0", "wrote-validation-rank0"]
     assert (tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors").exists()
+
+
+def _fail_on_rank1(cfg):
+    "Rank 1 raises at its third step; rank 0 would otherwise wait for it in the next all-reduce."
+    import sd_lora.train as train_mod
+    if int(os.environ["RANK"]) == 1:
+        step = train_mod.train_step
+        def failing(run, batch):
+            if run.global_step == 2: raise RuntimeError("injected failure on rank 1")
+            return step(run, batch)
+        train_mod.train_step = failing
+    train_mod.train(cfg)
+
+
+def test_an_exception_on_one_rank_ends_all_ranks_promptly(demo_data, tmp_path, capfd, caplog):
+    import time
+    import pytest
+    start = time.time()
+    with pytest.raises(Exception) as excinfo:
+        launch_train(tiny_config(demo_data, tmp_path, cpu=True, max_train_steps=50), num_processes=2,
+                     use_port="29583", fn=_fail_on_rank1)
+    assert time.time() - start < 120
+    captured = capfd.readouterr()
+    shown = captured.out + captured.err + caplog.text + str(excinfo.value)
+    assert "injected failure on rank 1" in shown
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
