@@ -78,3 +78,21 @@ def test_full_disk_fails_before_training(demo_data, tmp_path, monkeypatch):
 def test_missing_model_folder_fails_before_training(demo_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="/no/such/model"):
         setup(tiny_config(demo_data, tmp_path, pretrained_model_name_or_path="/no/such/model"))
+
+
+def test_sigkill_during_checkpointing_never_leaves_a_half_checkpoint_for_latest(demo_data, tmp_path):
+    "Kill -9 while checkpoints are written every step: whatever `latest` picks is complete and resumes."
+    import time
+    from sd_lora.checkpoints import find_checkpoint
+    out = tmp_path / "run"
+    code, _ = interrupt_at_checkpoint(
+        [sys.executable, "-m", "sd_lora.train", f"--train_data_dir={demo_data}", "--resolution=64", "--center_crop",
+         "--train_batch_size=2", "--report_to=none", "--eval_samples=0", "--checkpointing_steps=1",
+         f"--output_dir={out}", "--max_train_steps=100000"], out, "checkpoint-3", sig=signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    latest = find_checkpoint(out, "latest")
+    for name in ("pytorch_lora_weights.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        assert (latest / name).exists(), name
+    step = int(latest.name.split("-")[1])
+    res = train(tiny_config(demo_data, out, resume_from_checkpoint="latest", eval_samples=0, max_train_steps=step + 1))
+    assert res.global_step == step + 1
