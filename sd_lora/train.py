@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from fastcore.imports import IN_NOTEBOOK
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -412,4 +413,4 @@ def main(argv: list[str]|None=None):
 
 # %% ../nbs/05_train.ipynb #6aee727e
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__" and not IN_NOTEBOOK: main()

@@ -95,3 +95,18 @@ def test_bad_flag_values_are_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--mixed_precision", "fp8"])
     assert "choose from" in capsys.readouterr().err
+
+
+def test_the_main_cell_does_nothing_in_a_jupyter_kernel():
+    "JupyterLab runs notebooks as __main__ too: the cell that starts the CLI must not fire there."
+    import json
+    from pathlib import Path
+    import nbformat
+    from nbclient import NotebookClient
+    cells = json.loads(Path("nbs/05_train.ipynb").read_text())["cells"]
+    (src,) = ["".join(c["source"]) for c in cells if c["cell_type"] == "code" and '__name__ == "__main__"' in "".join(c["source"])]
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("from fastcore.imports import IN_NOTEBOOK\ndef main(): raise SystemExit('main ran')"),
+        nbformat.v4.new_code_cell(src), nbformat.v4.new_code_cell("print('still here')")])
+    NotebookClient(nb, kernel_name="python3", timeout=120).execute()
+    assert nb.cells[2].outputs[0]["text"] == "still here\n"
