@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from .core import to_tensor
-from .data import ImageCaptionDataset, resize_shorter, crop_box, pick_caption, to_rgb
+from .data import ImageCaptionDataset, resize_shorter, crop_box, pick_caption, to_rgb, tokenize
 
 # %% auto #0
 __all__ = ['fixed_crop', 'cache_key', 'data_fingerprint', 'LatentCache', 'build_cache', 'CachedDataset', 'collate_cached']
@@ -118,17 +118,13 @@ def build_cache(ds: ImageCaptionDataset, # the training set whose items to encod
         if sum(len(m) for m in means) >= shard_size: flush()
     if means: flush(final=True)
     unique = sorted({c for cell in captions for c in _all_captions(cell)})
-    embeds = torch.cat([text_encoder(_ids(tokenizer, unique[k:k + 64]).to(text_encoder.device), return_dict=False)[0].cpu()
+    embeds = torch.cat([text_encoder(tokenize(tokenizer, unique[k:k + 64]).to(text_encoder.device), return_dict=False)[0].cpu()
                         for k in range(0, len(unique), 64)])
     text = {c: k for k, c in enumerate(unique)}
     if folder is None: return LatentCache(shards, shard_size, text, embeds, captions, flip)
     save_file({"embeds": embeds.contiguous()}, str(Path(folder) / "text.safetensors"))
     (Path(folder) / "done.json").write_text(json.dumps({"shard_size": shard_size, "captions": unique}))
     return _load_disk_cache(Path(folder), captions, flip)
-
-def _ids(tokenizer, captions):
-    return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                     return_tensors="pt").input_ids
 
 def _load_disk_cache(folder: Path, captions: list, flips: bool) -> LatentCache:
     meta = json.loads((folder / "done.json").read_text())
