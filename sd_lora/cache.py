@@ -93,7 +93,6 @@ def build_cache(ds: ImageCaptionDataset, # the training set whose items to encod
     captions = list(ds.ds[ds.caption_column])
     if folder is not None and (Path(folder) / "done.json").exists():
         return _load_disk_cache(Path(folder), captions, flip)
-    images = ds.ds[ds.image_column] if hasattr(ds.ds, "column_names") else [r[ds.image_column] for r in ds.ds]
     shards, means, stds = [], [], []
     def flush(final: bool=False):  # cut what is pending into shards of exactly shard_size items
         mean, std = torch.cat(means), torch.cat(stds)
@@ -108,7 +107,7 @@ def build_cache(ds: ImageCaptionDataset, # the training set whose items to encod
         if len(mean): means.append(mean); stds.append(std)
     if folder is not None: Path(folder).mkdir(parents=True, exist_ok=True)
     for start in range(0, len(ds), batch_size):
-        crops = [fixed_crop(images[i], res, center, ds.kw["interpolation"]) for i in range(start, min(start + batch_size, len(ds)))]
+        crops = [fixed_crop(ds.image(i)[0], res, center, ds.kw["interpolation"]) for i in range(start, min(start + batch_size, len(ds)))]
         if any(c is None for c in crops): return None
         x = torch.stack([to_tensor(c) for c in crops])
         if flip: x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
@@ -137,6 +136,8 @@ class CachedDataset(torch.utils.data.Dataset):
     "Training items (`latent_mean`, `latent_std`, `text_embeds`) from a `LatentCache`, with the base set's choices."
     def __init__(self, base: ImageCaptionDataset, cache: LatentCache): self.base, self.cache = base, cache
     def set_epoch(self, epoch: int): self.base.set_epoch(epoch)
+    @property
+    def skipped(self) -> int: return self.base.skipped
     def __len__(self): return len(self.base)
 
     def __getitem__(self, i):

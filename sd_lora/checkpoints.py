@@ -11,10 +11,12 @@ from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.utils import set_peft_model_state_dict
+from safetensors.torch import save_file, load_file
 from .lora import save_lora
 
 # %% auto #0
-__all__ = ['load_lora_into', 'register_lora_hooks', 'GeneratorState', 'checkpoints', 'save_checkpoint', 'find_checkpoint']
+__all__ = ['load_lora_into', 'register_lora_hooks', 'register_generator_hooks', 'checkpoints', 'save_checkpoint',
+           'find_checkpoint']
 
 # %% ../nbs/04a_checkpoints.ipynb #a5f09018
 def load_lora_into(unet, # a UNet with a LoRA adapter named "default"
@@ -39,13 +41,22 @@ def register_lora_hooks(accelerator: Accelerator, unet):
     accelerator.register_load_state_pre_hook(load_hook)
 
 # %% ../nbs/04a_checkpoints.ipynb #afc2bbf9
-class GeneratorState:
-    "Wraps a `torch.Generator` so `accelerator.save_state` saves and restores it."
-    def __init__(self, g: torch.Generator): self.g = g
-    def state_dict(self): return {"state": self.g.get_state()}
-    def load_state_dict(self, sd): self.g.set_state(sd["state"])
+def register_generator_hooks(accelerator: Accelerator, # the run's accelerator
+                             generator: torch.Generator, # this process's noise generator
+                            ):
+    "Make `save_state`/`load_state` save and restore `generator` as `generator-{rank}.safetensors`."
+    name = f"generator-{accelerator.process_index}.safetensors"
+    def save_hook(models, weights, output_dir): save_file({"state": generator.get_state()}, str(Path(output_dir) / name))
+    def load_hook(models, input_dir):
+        path = Path(input_dir) / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: this checkpoint was written by another number of processes "
+                                    "or an older sd_lora; resume with the same number of processes")
+        generator.set_state(load_file(str(path))["state"])
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
-# %% ../nbs/04a_checkpoints.ipynb #9be02d08
+# %% ../nbs/04a_checkpoints.ipynb #f7d26ff5
 def checkpoints(output_dir: str|Path) -> list[Path]:
     "Complete checkpoints in `output_dir`, oldest first."
     ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]

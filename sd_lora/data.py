@@ -15,9 +15,9 @@ from PIL import Image, ImageOps
 from .core import to_tensor
 
 # %% auto #0
-__all__ = ['DEMO_IMAGES', 'INTERPOLATIONS', 'make_demo_data', 'load_image_dataset', 'check_columns', 'drop_unreadable',
-           'resize_shorter', 'crop_box', 'to_rgb', 'preprocess_image', 'pick_caption', 'tokenize', 'drop_bad_captions',
-           'warn_long_captions', 'ImageCaptionDataset', 'collate']
+__all__ = ['DEMO_IMAGES', 'INTERPOLATIONS', 'make_demo_data', 'load_image_dataset', 'check_columns', 'open_image',
+           'image_problem', 'undecoded', 'drop_unreadable', 'resize_shorter', 'crop_box', 'to_rgb', 'preprocess_image',
+           'pick_caption', 'tokenize', 'drop_bad_captions', 'warn_long_captions', 'ImageCaptionDataset', 'collate']
 
 # %% ../nbs/01_data.ipynb #cd132858
 DEMO_IMAGES = {  # scikit-image sample -> caption
@@ -85,29 +85,63 @@ def check_columns(ds, # a `datasets.Dataset`
                              f"{ds.column_names}: pass --{role}_column with one of them")
 
 # %% ../nbs/01_data.ipynb #4787c930
+def open_image(cell, # a data set cell: a PIL image, or a dict with "path" or "bytes" (`datasets.Image(decode=False)`)
+               min_side: int|None=None, # a big JPEG may decode smaller, keeping its shorter side at least this long
+              ) -> tuple[Image.Image, tuple[int, int]]: # the image and its full upright (height, width)
+    "Decode the image of a data set cell, with its size before any reduced decoding."
+    if isinstance(cell, Image.Image): img = cell
+    else:
+        with warnings.catch_warnings():  # sizes past PIL's hard limit still raise; `drop_unreadable` names them
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(cell["path"] if cell.get("bytes") is None else io.BytesIO(cell["bytes"]))
+    w, h = img.size
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8): w, h = h, w  # EXIF says: rotate a quarter turn
+    if min_side and img.format == "JPEG" and not isinstance(cell, Image.Image): img.draft(img.mode, (min_side, min_side))
+    try: img.load()
+    except Exception:
+        img.close()  # a file that fails to decode is not left open
+        raise
+    return img, (h, w)
+
+def image_problem(cell, # a data set cell, as `open_image` takes it
+                 ) -> str|None: # `None` for a good image
+    "What is wrong with the image in `cell`, with the fix, or `None`."
+    path = cell.get("path") if isinstance(cell, dict) else None
+    if path and cell.get("bytes") is None and not Path(path).exists():
+        return "no such file: add it, or remove its row from metadata.jsonl"
+    try: open_image(cell)
+    except Image.DecompressionBombError as e:
+        return f"too large ({e}): downscale it, e.g. to 4096 px on its longer side"
+    except Exception as e: return f"{type(e).__name__}: {e}"
+    return None
+
+def undecoded(ds, # a `datasets.Dataset`, or any sequence of dicts
+              image_column: str="image", # the column holding images
+             ):
+    "`ds` with its image column left as file paths and bytes (decoded later by `open_image`), where it can be."
+    from datasets import Image as ImageFeature
+    if isinstance(getattr(ds, "features", {}).get(image_column), ImageFeature):
+        return ds.cast_column(image_column, ImageFeature(decode=False))
+    return ds
+
 def drop_unreadable(ds, # a `datasets.Dataset`
                     image_column: str="image", # the column holding images
                    ):
-    "`ds` without the rows whose image cannot be decoded, with one warning naming them."
-    from datasets import Image as ImageFeature
-    raw = ds.cast_column(image_column, ImageFeature(decode=False)) if hasattr(ds, "cast_column") else ds
+    "`ds` without the rows whose image cannot be used, with one warning naming each file, its problem and the fix."
+    raw = undecoded(ds, image_column)
     bad = []
     for i in range(len(ds)):
         cell = raw[i][image_column]
-        try:
-            if isinstance(cell, Image.Image): cell.load(); continue
-            with Image.open(cell["path"] if cell.get("bytes") is None else io.BytesIO(cell["bytes"])) as img: img.load()
-        except Exception as e:
-            bad.append((i, cell.get("path") if isinstance(cell, dict) else i, f"{type(e).__name__}: {e}"))
+        problem = image_problem(cell)
+        if problem: bad.append((i, cell.get("path") if isinstance(cell, dict) else f"row {i}", problem))
     if not bad: return ds
-    shown = "; ".join(f"{p} ({err})" for _, p, err in bad[:5])
-    warnings.warn(f"skipping {len(bad)} of {len(ds)} images that cannot be read: {shown}"
-                  f"{' ...' if len(bad) > 5 else ''}. Remove or replace them to train on all.")
-    if len(bad) == len(ds): raise ValueError(f"none of the {len(ds)} images can be read, e.g. {shown}")
+    shown = "; ".join(f"{p}: {problem}" for _, p, problem in bad[:5])
+    if len(bad) == len(ds): raise ValueError(f"none of the {len(ds)} images can be used, e.g. {shown}")
+    warnings.warn(f"skipping {len(bad)} of {len(ds)} images: {shown}{' ...' if len(bad) > 5 else ''}")
     drop = {i for i, _, _ in bad}
     return ds.select([i for i in range(len(ds)) if i not in drop])
 
-# %% ../nbs/01_data.ipynb #063f1f1e
+# %% ../nbs/01_data.ipynb #ef6f255b
 INTERPOLATIONS = {"nearest": Image.NEAREST, "nearest-exact": Image.NEAREST, "bilinear": Image.BILINEAR,
                   "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 
@@ -150,17 +184,19 @@ def preprocess_image(img: Image.Image, # the photo, any mode
                      random_flip: bool=False, # flip left-right half of the time
                      interpolation: str="lanczos", # resampling filter for the resize
                      rng: random.Random|None=None, # the random source for crop and flip
+                     original_size: tuple[int, int]|None=None, # (height, width) before a reduced decode; default: upright `img`'s
                     ) -> dict:
     "Resize, crop, flip and normalise one photo; also report the crop corner and original size (for SDXL)."
     rng = rng or random.Random()
-    original_size = (img.height, img.width)
-    img = resize_shorter(to_rgb(img), resolution, interpolation)
+    img = to_rgb(img)
+    original_size = original_size or (img.height, img.width)
+    img = resize_shorter(img, resolution, interpolation)
     top, left = crop_box(img.width, img.height, resolution, center_crop, rng)
     img = img.crop((left, top, left + resolution, top + resolution))
     if random_flip and rng.random() < 0.5: img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return {"pixel_values": to_tensor(img), "crop_top_left": (top, left), "original_size": original_size}
 
-# %% ../nbs/01_data.ipynb #81ffcee2
+# %% ../nbs/01_data.ipynb #3c5a777c
 def pick_caption(caption, # a string, or a list of strings
                  rng: random.Random|None=None, # pick at random with this; `None` picks the first
                 ) -> str:
@@ -177,7 +213,7 @@ def tokenize(tokenizer, # a CLIP tokenizer
     return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
                      truncation=True, return_tensors="pt").input_ids
 
-# %% ../nbs/01_data.ipynb #bc866c19
+# %% ../nbs/01_data.ipynb #4d1bb94e
 def _caption_ok(cell) -> bool:
     if isinstance(cell, str): return bool(cell.strip())
     return isinstance(cell, (list, tuple, np.ndarray)) and len(cell) > 0 and all(isinstance(c, str) and c.strip() for c in cell)
@@ -205,7 +241,7 @@ def warn_long_captions(captions: list, # caption cells
                            f"truncated, e.g. {long[0][:60]!r}...")
     return len(long)
 
-# %% ../nbs/01_data.ipynb #adb05076
+# %% ../nbs/01_data.ipynb #0abce91a
 class ImageCaptionDataset(torch.utils.data.Dataset):
     "Training items (`pixel_values`, `input_ids`) from a data set of images and captions."
     def __init__(self, ds, # a `datasets.Dataset` (or any sequence of dicts)
@@ -217,21 +253,25 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                  image_column: str="image", # the data set's image column
                  caption_column: str="text", # the data set's caption column
                  seed: int=0, # seeds all random choices, with the epoch and index
+                 skipped: int=0, # rows of the source left out before (bad images or captions), for the run's summary
                 ):
         if resolution % 8: raise ValueError(f"resolution {resolution} is not a multiple of 8: the VAE needs one")
-        self.ds, self.tokenizer, self.seed, self.epoch = ds, tokenizer, seed, 0
-        self.image_column, self.caption_column = image_column, caption_column
+        self.ds, self.tokenizer, self.seed, self.epoch = undecoded(ds, image_column), tokenizer, seed, 0
+        self.image_column, self.caption_column, self.skipped = image_column, caption_column, skipped
         self.kw = dict(resolution=resolution, center_crop=center_crop, random_flip=random_flip,
                        interpolation=interpolation)
 
     def set_epoch(self, epoch: int): self.epoch = epoch
     def __len__(self): return len(self.ds)
     def rng(self, i: int) -> random.Random: return random.Random(f"{self.seed}-{self.epoch}-{i}")
+    def image(self, i: int) -> tuple[Image.Image, tuple[int, int]]:
+        "Image `i`, decoded no larger than the resolution needs, and its full size."
+        return open_image(self.ds[i][self.image_column], self.kw["resolution"])
 
     def __getitem__(self, i):
-        row = self.ds[i]
-        rng = self.rng(i)
-        item = preprocess_image(row[self.image_column], rng=rng, **self.kw)
+        row, rng = self.ds[i], self.rng(i)
+        img, size = open_image(row[self.image_column], self.kw["resolution"])
+        item = preprocess_image(img, rng=rng, original_size=size, **self.kw)
         item["caption"] = pick_caption(row[self.caption_column], rng)
         item["input_ids"] = tokenize(self.tokenizer, [item["caption"]])[0]
         item["index"] = i

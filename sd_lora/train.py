@@ -5,6 +5,7 @@
 # %% ../nbs/05_train.ipynb #7152a327
 from __future__ import annotations
 import math
+import pickle
 import sys
 import time
 import warnings
@@ -28,7 +29,7 @@ from .lora import lora_config, add_lora, unet_lora_state_dict
 from .config import TrainConfig, parse_args, public_config
 from .outputs import save_outputs, push_to_hub
 from .diffusion import noisify, target_for, min_snr_weights, diffusion_loss, sample_noise
-from .checkpoints import GeneratorState, register_lora_hooks, save_checkpoint, find_checkpoint
+from .checkpoints import register_generator_hooks, register_lora_hooks, save_checkpoint, find_checkpoint
 from .cache import build_cache, cache_key, data_fingerprint, CachedDataset, collate_cached
 from .guards import preflight, StopSignals, TrainingInterrupted, nonfinite, skipping_step, check_finite_weights, NONFINITE_ADVICE
 
@@ -110,6 +111,7 @@ def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[ImageCaptionDataset, Ima
     ds = load_image_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.dataset_config_name, cfg.cache_dir)
     check_columns(ds, cfg.image_column, cfg.caption_column)
     if len(ds) == 0: raise ValueError(f"the data set {cfg.dataset_name or cfg.train_data_dir!r} has no examples")
+    n_rows = len(ds)
     ds = drop_unreadable(drop_bad_captions(ds, cfg.caption_column), cfg.image_column)
     if cfg.max_train_samples is not None:
         if cfg.max_train_samples > len(ds):
@@ -119,7 +121,7 @@ def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[ImageCaptionDataset, Ima
     kw = dict(interpolation=cfg.image_interpolation_mode, image_column=cfg.image_column,
               caption_column=cfg.caption_column, seed=cfg.seed or 0)
     warn_long_captions(list(ds[cfg.caption_column]), tokenizer)
-    train_ds = ImageCaptionDataset(ds, tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, **kw)
+    train_ds = ImageCaptionDataset(ds, tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, skipped=n_rows - len(ds), **kw)
     n_eval = min(cfg.eval_samples, len(ds))
     eval_ds = ImageCaptionDataset(ds.select(range(n_eval)), tokenizer, cfg.resolution, True, False, **kw) if n_eval else None
     return train_ds, eval_ds
@@ -190,12 +192,16 @@ def setup(cfg: TrainConfig) -> Run:
     if eval_dl is not None: eval_dl = accelerator.prepare(eval_dl)
     generator = torch.Generator(accelerator.device).manual_seed((cfg.seed or 0) + accelerator.process_index)
     register_lora_hooks(accelerator, unet)
-    accelerator.register_for_checkpointing(GeneratorState(generator))
+    register_generator_hooks(accelerator, generator)
     run = Run(cfg, accelerator, m, unet, params, train_ds, dl, eval_dl, optimizer, sched, generator,
               m.noise_scheduler.config.prediction_type, max_steps, math.ceil(max_steps / steps_per_epoch))
     if cfg.resume_from_checkpoint:
         ckpt = find_checkpoint(out, cfg.resume_from_checkpoint)
-        accelerator.load_state(str(ckpt))
+        try: accelerator.load_state(str(ckpt))
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met something other than tensors
+            raise ValueError(f"{ckpt} holds objects other than tensors and plain values ({str(e).splitlines()[0]}); "
+                             "loading them could run arbitrary code, so sd_lora refuses. Resume only from checkpoints "
+                             "you wrote, or delete this one") from None
         run.global_step = int(ckpt.name.split("-")[1])
         run.first_epoch, done = divmod(run.global_step, steps_per_epoch)
         run.skip_batches = done * accelerator.gradient_accumulation_steps
@@ -367,6 +373,7 @@ class TrainResult:
     global_step: int
     eval_loss: float|None # the final fixed-noise loss (the same on every process)
     lora: dict # the final LoRA weights (diffusers naming), as this process holds them
+    skipped_examples: int=0 # rows of the data set left out before training (unreadable images, bad captions)
 
 def final_validation(accelerator: Accelerator, cfg: TrainConfig, step: int) -> Path:
     "Validate the saved file: a fresh pipeline, `load_lora_weights`, the validation prompt."
@@ -386,6 +393,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         acc.end_training()
         raise
     if h.skipped_steps: warnings.warn(f"{h.skipped_steps} optimizer steps had NaN or Inf gradients and were skipped")
+    if run.dataset.skipped: warnings.warn(f"trained on {len(run.dataset)} examples: {run.dataset.skipped} rows of the "
+                                           "data set were skipped before training, as the warning at the start said")
     eval_loss = evaluate(run) if run.eval_dataloader is not None else None
     acc.wait_for_everyone()
     lora = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(acc.unwrap_model(run.unet)).items()}
@@ -399,7 +408,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     acc.wait_for_everyone()
     acc.end_training()
     return TrainResult(Path(cfg.output_dir), lora_path, h.losses, h.lrs, h.grad_norms, h.step_times, h.skipped_steps,
-                       run.global_step, eval_loss, lora)
+                       run.global_step, eval_loss, lora, run.dataset.skipped)
 
 # %% ../nbs/05_train.ipynb #9f673499
 def main(argv: list[str]|None=None):

@@ -84,25 +84,52 @@ def test_max_train_samples_beyond_the_data_set_warns_and_uses_all(demo_data, tmp
     assert len(train_ds) == 12
 
 
-def test_training_skips_unreadable_images_with_one_warning(demo_data, tmp_path):
-    import shutil
+def test_training_skips_bad_files_with_one_warning_and_a_summary(demo_data, tmp_path, monkeypatch):
+    import json, shutil, warnings
+    from PIL import Image
     from sd_lora.train import train
     from helpers import tiny_config
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
     jpeg = (data / "coffee.jpg").read_bytes()
-    (data / "coffee.jpg").write_bytes(jpeg[: len(jpeg) // 4])
-    (data / "moon.jpg").write_bytes(b"")
-    with pytest.warns(UserWarning, match=r"skipping 2 of 12 images .*coffee.jpg.*moon.jpg"):
+    (data / "coffee.jpg").write_bytes(jpeg[: len(jpeg) // 4])  # truncated
+    (data / "moon.jpg").write_bytes(b"")  # zero bytes
+    Image.new("RGB", (3000, 2000), "navy").save(data / "huge.jpg")  # past the lowered bomb limit below
+    with open(data / "metadata.jsonl", "a") as f:
+        for name in ("lost.jpg", "huge.jpg"): f.write(json.dumps({"file_name": name, "text": "a photo"}) + "\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         res = train(tiny_config(data, tmp_path / "out", max_train_steps=3))
-    assert res.global_step == 3 and res.lora_path.exists()
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    first = [m for m in messages if m.startswith("skipping")]
+    assert len(first) == 1 and first[0].startswith("skipping 4 of 14 images: ")
+    for expected in ("coffee.jpg: OSError", "moon.jpg: Unidentified", "lost.jpg: no such file: add it, or remove its row "
+                     "from metadata.jsonl", "huge.jpg: too large"):
+        assert expected in first[0]
+    assert any(m.startswith("trained on 10 examples: 4 rows") for m in messages)  # the summary at the end
+    assert res.skipped_examples == 4 and res.global_step == 3 and res.lora_path.exists()
+
+
+def test_big_jpegs_decode_reduced_but_keep_their_full_size(tmp_path):
+    import io
+    from PIL import Image
+    from sd_lora.data import ImageCaptionDataset, open_image
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3000), "olive").save(buf, "JPEG")
+    img, size = open_image({"bytes": buf.getvalue(), "path": None}, min_side=64)
+    assert size == (3000, 4000) and img.size == (500, 375)  # an eighth: still longer than 64 on each side
+    (tmp_path / "big.jpg").write_bytes(buf.getvalue())
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "big.jpg", "text": "olive"}\n')
+    item = ImageCaptionDataset(load_image_dataset(train_data_dir=str(tmp_path)), byte_clip_tokenizer(), 64, True)[0]
+    assert item["original_size"] == (3000, 4000) and item["pixel_values"].shape == (3, 64, 64)
 
 
 def test_a_folder_of_unreadable_images_stops_before_training(tmp_path):
     from sd_lora.data import drop_unreadable
     (tmp_path / "a.jpg").write_bytes(b"")
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "x"}\n')
-    with pytest.raises(ValueError, match="none of the 1 images can be read"), pytest.warns(UserWarning):
+    with pytest.raises(ValueError, match="none of the 1 images can be used, e.g. .*a.jpg"):
         drop_unreadable(load_image_dataset(train_data_dir=str(tmp_path)))
 
 

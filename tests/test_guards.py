@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from accelerate.utils import load as accelerate_load
 from sd_lora.train import train, setup, train_loop
 from sd_lora.checkpoints import checkpoints
 from sd_lora.models import TINY_SD
@@ -96,3 +97,25 @@ def test_sigkill_during_checkpointing_never_leaves_a_half_checkpoint_for_latest(
     step = int(latest.name.split("-")[1])
     res = train(tiny_config(demo_data, out, resume_from_checkpoint="latest", eval_samples=0, max_train_steps=step + 1))
     assert res.global_step == step + 1
+
+
+class _Payload:
+    "A pickle that runs code when loaded: it would create `marker`."
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (open, (str(self.marker), "w"))
+
+
+def test_checkpoints_hold_no_pickled_code_and_a_tampered_one_is_refused(demo_data, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_config(demo_data, out, max_train_steps=2, checkpointing_steps=2))
+    ckpt = checkpoints(out)[-1]
+    for f in ckpt.iterdir():  # weights and the generator in safetensors; the rest loads without running code
+        if f.suffix == ".safetensors": load_file(f)
+        else: accelerate_load(f)  # torch.load(weights_only=True), numpy arrays allowed
+    assert (ckpt / "generator-0.safetensors").exists()
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Payload(marker)}, ckpt / "optimizer.bin")
+    with pytest.raises(ValueError, match="holds objects other than tensors.*refuses"):
+        train(tiny_config(demo_data, out, max_train_steps=3, checkpointing_steps=2, resume_from_checkpoint="latest"))
+    assert not marker.exists()
+    assert (out / "pytorch_lora_weights.safetensors").exists() and ckpt.exists()  # nothing saved was lost
