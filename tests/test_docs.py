@@ -172,3 +172,94 @@ def test_readme_from_index(tmp_path):
                     "```python\n1 + 1\n```\n\n```\n2\n```\n\n```python\nx = 3\nx\n```\n")
     (tmp_path / "README.md").write_text(text + "edited by hand\n")
     assert not build_docs.readme_is_current(tmp_path)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+SCREENSHOT = ROOT / "test-output" / "site-index.png"
+
+
+@pytest.fixture(scope="module")
+def served(site):
+    "The built site over HTTP on a free localhost port, as a reader's browser gets it."
+    import functools, http.server, threading
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args): pass
+    handler = functools.partial(Quiet, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser_context(tmp_path_factory):
+    "Debian's headless Chromium with a fresh profile, driven by Playwright."
+    if not CHROMIUM.exists():
+        import os
+        if os.environ.get("SD_LORA_REQUIRE_BROWSER"): pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); CI sets SD_LORA_REQUIRE_BROWSER and installs it")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(str(tmp_path_factory.mktemp("chromium-profile")), headless=True,
+                                                    executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        yield ctx
+        ctx.close()
+
+
+def visit(ctx, url: str) -> dict:
+    "Open `url`; what a reader would see go wrong there, and the page's links, images and navigation."
+    page, problems = ctx.new_page(), []
+    page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+    page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"failed request: {r.url}"))
+    page.on("response", lambda r: r.status >= 400 and problems.append(f"HTTP {r.status}: {r.url}"))
+    response = page.goto(url, wait_until="load")
+    if response is None or response.status != 200: problems.append(f"page did not load: {response and response.status}")
+    page.wait_for_load_state("networkidle")
+    info = page.evaluate("""() => ({
+        broken_images: [...document.querySelectorAll('article img')].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src),
+        images: document.querySelectorAll('article img').length,
+        links: [...document.querySelectorAll('a[href]')].map(a => a.href),
+        ids: [...document.querySelectorAll('[id]')].map(e => e.id),
+        nav: [...document.querySelectorAll('.sidebar-tree a.reference')].map(a => a.getAttribute('href')),
+        maths: document.querySelectorAll('mjx-container').length,
+    })""")
+    info["problems"] = problems
+    return info, page
+
+
+def test_site_in_a_real_browser(site, served, browser_context):
+    pages = {f"{build_docs.page_name(nb)}.html": nb for nb in NOTEBOOKS}
+    seen, links = {}, []
+    for name in ["index.html"] + [n for n in pages if n != "index.html"]:
+        info, page = visit(browser_context, f"{served}/{name}")
+        if name == "index.html":
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            assert info["nav"] == [n for n in pages if n != "index.html"], info["nav"]  # lessons in order
+        page.close()
+        assert not info["problems"], (name, info["problems"])
+        assert not info["broken_images"], (name, info["broken_images"])
+        assert info["images"] >= shown_image_outputs(pages[name]), name
+        seen[name] = set(info["ids"])
+        links += [(name, href) for href in info["links"] if href.startswith(served)]
+    for name, href in links:  # every internal link reaches a page that exists, and the anchor on it
+        target, _, fragment = href.removeprefix(served + "/").partition("#")
+        target = target or name
+        if target.endswith(".html"):
+            assert target in seen or (site / target).is_file(), (name, href)
+            if fragment and target in seen: assert fragment in seen[target], (name, href)
+        else:
+            assert (site / target.split("?")[0]).exists(), (name, href)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_maths_typeset_in_the_browser(served, browser_context):
+    name = next(f"{build_docs.page_name(nb)}.html" for nb in NOTEBOOKS if nb.stem.endswith("_diffusion"))
+    info, page = visit(browser_context, f"{served}/{name}")
+    page.wait_for_selector("article mjx-container", timeout=30_000)  # MathJax, served from the site, typeset it
+    assert page.locator("article mjx-container").count() >= 3
+    page.close()
+    assert not info["problems"], info["problems"]

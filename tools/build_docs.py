@@ -478,8 +478,15 @@ html_copy_source = False
 html_show_sourcelink = False
 # A local copy of MathJax 3 (copied from the django-static-mathjax package), so maths renders offline.
 mathjax_path = "mathjax/tex-chtml.js"
+html_favicon = "_static/favicon.svg"  # without one, every browser asks for /favicon.ico and gets a 404
 exclude_patterns = ["_build", "jupyter_execute", "**/.ipynb_checkpoints"]
 '''
+
+# A small mark for the browser tab: a low-rank product, A (tall) times B (wide).
+FAVICON = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">
+<rect x="3" y="3" width="8" height="26" rx="2" fill="#3b6fb6"/><rect x="14" y="3" width="15" height="8" rx="2" fill="#e07b39"/>
+</svg>
+"""
 
 # The parts of MathJax 3 that the TeX-to-HTML component loads: itself, its fonts, the TeX
 # extensions it loads on demand and the menu's accessibility tools.
@@ -540,6 +547,7 @@ def write_sphinx_sources(pages: list[Page], proc: Path, src: Path, cfg: dict) ->
     (src / "conf.py").write_text(CONF_PY.format(title=cfg["title"], author=cfg.get("author", ""),
                                                 copyright=cfg.get("copyright", "")), encoding="utf-8")
     copy_mathjax(src / "_static")
+    (src / "_static" / "favicon.svg").write_text(FAVICON, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------

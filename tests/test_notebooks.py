@@ -1,0 +1,57 @@
+"""Every lesson notebook, executed in a real Jupyter kernel (nbclient + ipykernel) as JupyterLab would run it.
+
+`nbdev_test` runs notebooks in its own IPython shell; users run them in a kernel, where `__name__`, display hooks,
+matplotlib's backend and the working folder differ. Cells that `nbdev_test` skips (`#| eval: false`, and the flags of
+`tst_flags` in settings.ini: gpu, slow) are left out here too; everything else must run without an error, and every
+lesson must show at least one picture.
+"""
+import configparser
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith("_"))
+_ini = configparser.ConfigParser()
+_ini.read(ROOT / "settings.ini")
+SKIP_FLAGS = set(_ini["DEFAULT"].get("tst_flags", "").split())
+
+
+def directives(source: str) -> dict[str, str]:
+    "The `#| name: value` lines at the top of a cell."
+    found = {}
+    for line in source.splitlines():
+        m = re.match(r"#\|\s*([\w-]+):?\s*(.*)", line.strip())
+        if not m: break
+        found[m[1]] = m[2].strip()
+    return found
+
+
+def runs_in_tests(cell) -> bool:
+    "False for the cells `nbdev_test` skips."
+    d = directives(cell.source)
+    return d.get("eval", "true").lower() != "false" and not SKIP_FLAGS & d.keys()
+
+
+def test_directives_are_read_like_nbdev():
+    assert directives("#| eval: false\nx = 1") == {"eval": "false"}
+    assert directives("#| slow\n#| export\nx = 1") == {"slow": "", "export": ""}
+    assert not runs_in_tests(nbformat.v4.new_code_cell("#| gpu\nimport torch"))
+    assert runs_in_tests(nbformat.v4.new_code_cell("#| export\ndef f(): pass"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_a_jupyter_kernel_and_shows_a_picture(path):
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if c.cell_type != "code" or runs_in_tests(c)]
+    for cell in nb.cells:
+        if cell.cell_type == "code": cell.outputs = []
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    pictures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                if o.get("output_type") in ("display_data", "execute_result") and "image/png" in o.get("data", {})]
+    drawn = [m for c in nb.cells if c.cell_type == "markdown" for m in re.findall(r"!\[[^]]*\]\(([^)]+)\)", c.source)
+             if (path.parent / m).is_file()]
+    assert pictures or drawn, f"{path.name} ran but shows no picture"
