@@ -15,9 +15,10 @@ from PIL import Image, ImageOps
 from .core import to_tensor
 
 # %% auto #0
-__all__ = ['DEMO_IMAGES', 'INTERPOLATIONS', 'make_demo_data', 'load_image_dataset', 'check_columns', 'open_image',
-           'image_problem', 'undecoded', 'drop_unreadable', 'resize_shorter', 'crop_box', 'to_rgb', 'preprocess_image',
-           'pick_caption', 'tokenize', 'drop_bad_captions', 'warn_long_captions', 'ImageCaptionDataset', 'collate']
+__all__ = ['DEMO_IMAGES', 'IMAGE_SUFFIXES', 'INTERPOLATIONS', 'make_demo_data', 'load_image_dataset', 'check_columns',
+           'open_image', 'image_problem', 'undecoded', 'drop_unreadable', 'resize_shorter', 'crop_box', 'to_rgb',
+           'preprocess_image', 'pick_caption', 'tokenize', 'drop_bad_captions', 'warn_long_captions',
+           'ImageCaptionDataset', 'collate']
 
 # %% ../nbs/01_data.ipynb #cd132858
 DEMO_IMAGES = {  # scikit-image sample -> caption
@@ -56,6 +57,8 @@ def make_demo_data(path: str|Path, # folder to write; created if missing
     return path
 
 # %% ../nbs/01_data.ipynb #b2a07724
+IMAGE_SUFFIXES = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
+
 def load_image_dataset(dataset_name: str|None=None, # a Hub data set id or a local data set folder
                        train_data_dir: str|None=None, # an imagefolder with `metadata.jsonl`
                        dataset_config_name: str|None=None, # the data set's configuration, if it has several
@@ -69,6 +72,9 @@ def load_image_dataset(dataset_name: str|None=None, # a Hub data set id or a loc
         if not Path(train_data_dir).is_dir():
             raise FileNotFoundError(f"train_data_dir {train_data_dir!r} is not a folder: give a folder of images "
                                     "with a metadata.jsonl, or --dataset_name")
+        if next((f for f in Path(train_data_dir).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES), None) is None:
+            raise ValueError(f"train_data_dir {train_data_dir!r} holds no images ({' '.join(sorted(IMAGE_SUFFIXES))}): "
+                             "add images and a metadata.jsonl that names them")
         ds = load_dataset("imagefolder", data_dir=str(train_data_dir), cache_dir=cache_dir)
     else:
         raise ValueError("No data: give --dataset_name (Hub id or folder) or --train_data_dir (an imagefolder)")

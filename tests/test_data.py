@@ -18,6 +18,19 @@ def test_missing_train_data_dir_names_the_folder(tmp_path):
         load_image_dataset()
 
 
+def test_an_empty_folder_stops_before_training_with_the_fix(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no images .*add images and a metadata.jsonl"):
+        load_image_dataset(train_data_dir=str(tmp_path))
+
+
+def test_images_smaller_than_the_resolution_are_upscaled():
+    tiny = Image.new("RGB", (12, 8), "teal")
+    out = preprocess_image(tiny, 64, center_crop=True)
+    assert out["pixel_values"].shape == (3, 64, 64) and out["original_size"] == (8, 12)
+    assert out["crop_top_left"] == (0, 16)  # 12 x 8 became 96 x 64; the centre square starts 16 px in
+
+
 def test_list_captions_are_picked_at_random_per_epoch_and_reproducibly():
     rows = [{"image": Image.new("RGB", (80, 64), "red"), "text": [f"caption {i}" for i in range(6)]}] * 4
     ds = ImageCaptionDataset(rows, byte_clip_tokenizer(), resolution=64, seed=1)
