@@ -87,7 +87,7 @@ def dispatch_load(folder: str|Path, # a folder saved with `save_pretrained`
                                         device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
                                         no_split_module_classes=unet._no_split_modules).eval()
 
-# %% ../nbs/07a_dispatch.ipynb #cec1225e
+# %% ../nbs/07a_dispatch.ipynb #8854988a
 def split_modules(model: torch.nn.Module, # the model the map is for
                   device_map: dict, # module name -> device, from `infer_auto_device_map`
                  ) -> list[str]:
