@@ -328,7 +328,7 @@ def log_step(run: Run, h: History, bar, streak: torch.Tensor, skipped: torch.Ten
 def train_loop(run: Run) -> History:
     "Run the optimizer steps of `run`, with logging, checkpoints, validation and a clean stop on SIGINT/SIGTERM."
     cfg, acc = run.cfg, run.accelerator
-    h, step_loss = History([], [], [], [], 0), 0.0
+    h, step_loss, micro_steps = History([], [], [], [], 0), 0.0, 0
     streak = skipped = torch.zeros((), device=acc.device)
     bar = tqdm(total=run.max_train_steps, initial=run.global_step, disable=not acc.is_local_main_process)
     with StopSignals() as stop:
@@ -336,13 +336,13 @@ def train_loop(run: Run) -> History:
             run.unet.train()
             for batch in epoch_batches(run, epoch):
                 loss, norm, bad = train_step(run, batch)
-                step_loss = step_loss + loss / acc.gradient_accumulation_steps
+                step_loss, micro_steps = step_loss + loss, micro_steps + 1  # an epoch's last window may be short
                 if norm is None: continue  # a micro-step: gradients accumulate
                 run.global_step += 1
                 streak, skipped = (streak + 1) * bad, skipped + bad
-                h.losses.append(step_loss); h.lrs.append(run.lr_scheduler.get_last_lr()[0]); h.grad_norms.append(norm)
+                h.losses.append(step_loss / micro_steps); h.lrs.append(run.lr_scheduler.get_last_lr()[0]); h.grad_norms.append(norm)
                 h.step_times.append(time.perf_counter())
-                step_loss = 0.0
+                step_loss, micro_steps = 0.0, 0
                 bar.update(1)
                 if run.global_step % cfg.logging_steps == 0 or run.global_step == run.max_train_steps:
                     log_step(run, h, bar, streak, skipped)

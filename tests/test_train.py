@@ -115,3 +115,13 @@ def test_8bit_adam_without_bitsandbytes_says_how_to_install(demo_data, tmp_path)
 def test_xformers_without_cuda_is_a_clear_error(demo_data, tmp_path):
     with pytest.raises(RuntimeError, match="needs CUDA and xformers"):
         setup(tiny_config(demo_data, tmp_path, enable_xformers_memory_efficient_attention=True))
+
+
+def test_logged_loss_is_the_mean_over_the_micro_steps_taken(demo_data, tmp_path):
+    "12 images in batches of 4 make 3 micro-batches an epoch: with accumulation 2 the second window holds one."
+    kw = dict(train_batch_size=4, learning_rate=0.0, max_train_steps=None, num_train_epochs=1)  # weights stay put
+    single = train(tiny_config(demo_data, tmp_path / "a", gradient_accumulation_steps=1, **kw))
+    accumulated = train(tiny_config(demo_data, tmp_path / "b", gradient_accumulation_steps=2, **kw))
+    assert len(single.losses) == 3 and len(accumulated.losses) == 2
+    assert accumulated.losses[0] == pytest.approx((single.losses[0] + single.losses[1]) / 2, rel=1e-5)
+    assert accumulated.losses[1] == pytest.approx(single.losses[2], rel=1e-5)  # not halved
