@@ -162,7 +162,8 @@ def resize_shorter(img: Image.Image, # the photo
     s = size / min(w, h)
     return img.resize((max(size, round(w * s)), max(size, round(h * s))), INTERPOLATIONS[interpolation])
 
-def crop_box(w: int, h: int, # the image size
+def crop_box(w: int, # the image's width
+             h: int, # and height
              size: int, # the square's side
              center: bool, # centre crop, else random
              rng: random.Random, # the random source for a random crop
@@ -283,7 +284,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         item["index"] = i
         return item
 
-def collate(items: list[dict]) -> dict:
+def collate(items: list[dict], # from `ImageCaptionDataset`
+           ) -> dict:
     "Stack a list of items into a batch."
     return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
             "input_ids": torch.stack([it["input_ids"] for it in items]),

@@ -35,7 +35,10 @@ def velocity(x0: torch.Tensor, # clean latents
     return (ab.sqrt() * noise.float() - (1 - ab).sqrt() * x0.float()).to(x0.dtype)
 
 def target_for(prediction_type: str, # "epsilon" or "v_prediction"
-               x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+               x0: torch.Tensor, # clean latents
+               noise: torch.Tensor, # the noise added to them
+               t: torch.Tensor, # their timesteps
+               alphas_cumprod: torch.Tensor, # the scheduler's $\bar\alpha$
               ) -> torch.Tensor:
     "What the UNet should output, for its prediction type."
     if prediction_type == "epsilon": return noise
@@ -43,7 +46,9 @@ def target_for(prediction_type: str, # "epsilon" or "v_prediction"
     raise ValueError(f"prediction_type {prediction_type!r}: choose 'epsilon' or 'v_prediction'")
 
 # %% ../nbs/04_diffusion.ipynb #68e3b560
-def snr(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def snr(t: torch.Tensor, # timesteps
+        alphas_cumprod: torch.Tensor, # the scheduler's $\bar\alpha$
+       ) -> torch.Tensor:
     "Signal-to-noise ratio $\\bar\\alpha_t / (1 - \\bar\\alpha_t)$ of each timestep."
     ab = alphas_cumprod.to(t.device)[t].float()
     return ab / (1 - ab)

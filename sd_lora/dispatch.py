@@ -39,7 +39,8 @@ def _release_freed_memory():
 
 class PeakMemory:
     "Context manager: wall time (`seconds`) and peak RSS growth in MiB (`mib`) of the code inside."
-    def __init__(self, interval: float=0.001): self.interval = interval
+    def __init__(self, interval: float=0.001, # seconds between samples of the RSS
+                ): self.interval = interval
     def _watch(self):
         while not self._done.is_set():
             self._peak = max(self._peak, self._proc.memory_info().rss)
@@ -72,7 +73,8 @@ def empty_unet(folder: str|Path, # a folder saved with `save_pretrained`
     with init_empty_weights():
         return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
 
-def is_empty(model: torch.nn.Module) -> bool:
+def is_empty(model: torch.nn.Module, # any model
+            ) -> bool:
     "True if no parameter or buffer of `model` holds data yet."
     return all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
 

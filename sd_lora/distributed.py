@@ -108,7 +108,8 @@ class GenerateJob:
     score: bool = False # also compute `lora_effect` for each prompt
     cpu: bool = False # run on CPU processes (needed for several processes without GPUs)
 
-def run_generate_job(job: GenerateJob):
+def run_generate_job(job: GenerateJob, # what to generate, and where to write it
+                    ):
     "What each process runs: load, share out the prompts, gather, and write the result from process 0."
     acc = Accelerator(cpu=job.cpu)
     pipe = inference_pipeline(job.pretrained_model_name_or_path, device=acc.device)

@@ -51,13 +51,16 @@ class StopSignals:
 
 class TrainingInterrupted(KeyboardInterrupt):
     "Training stopped on a signal after saving a checkpoint."
-    def __init__(self, signum: int, checkpoint: Path):
+    def __init__(self, signum: int, # the signal that asked to stop
+                 checkpoint: Path, # the checkpoint saved before stopping
+                ):
         self.signum, self.checkpoint = signum, checkpoint
         super().__init__(f"Stopped by {signal.Signals(signum).name} after saving {checkpoint}; "
                          "continue with --resume_from_checkpoint latest")
 
 # %% ../nbs/04e_guards.ipynb #d5a13dfb
-def nonfinite(*tensors: torch.Tensor) -> torch.Tensor:
+def nonfinite(*tensors: torch.Tensor, # e.g. the loss and the gradient norm
+             ) -> torch.Tensor:
     "A device flag: 1.0 if any of `tensors` holds a NaN or Inf, else 0.0."
     return torch.stack([~torch.isfinite(t.detach().float()).all() for t in tensors]).any().float()
 

@@ -60,7 +60,8 @@ def generate(pipe, # a Stable Diffusion pipeline
              num_inference_steps: int=30, # denoising steps
              guidance_scale: float=7.5, # classifier-free guidance strength (1: no guidance)
              negative_prompt: str|None=None, # what to steer away from
-             height: int|None=None, width: int|None=None, # image size (default: the model's)
+             height: int|None=None, # image height (default: the model's)
+             width: int|None=None, # image width (default: the model's)
              seeds: list[int]|None=None, # one seed per prompt, instead of `seed + i`
              **kwargs, # passed to the pipeline, e.g. `cross_attention_kwargs={"scale": 0.5}`
             ) -> list[Image.Image]:
@@ -152,7 +153,8 @@ def check_lora_fits(pipe, # the pipeline the LoRA is meant for
                          + more + "\nLoad it into the base model it was trained on.")
 
 # %% ../nbs/07_inference.ipynb #0b390cc6
-def adapter_names(pipe) -> list[str]:
+def adapter_names(pipe, # a pipeline with LoRAs loaded
+                 ) -> list[str]:
     "The names of the LoRA adapters loaded into `pipe`, in loading order."
     return list(dict.fromkeys(n for names in pipe.get_list_adapters().values() for n in names))
 
