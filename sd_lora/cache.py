@@ -107,10 +107,11 @@ def build_cache(ds: ImageCaptionDataset, # the training set whose items to encod
                ) -> LatentCache|None: # `None` if some crop is random, so latents cannot be cached
     "Encode every image (and its mirror) and every caption once."
     res, center, flip = ds.kw["resolution"], ds.kw["center_crop"], ds.kw["random_flip"]
-    captions = list(ds.ds[ds.caption_column])
+    plain = not hasattr(ds.ds, "column_names")  # a list of dicts rather than a `datasets.Dataset`
+    captions = [r[ds.caption_column] for r in ds.ds] if plain else list(ds.ds[ds.caption_column])
     if folder is not None and (Path(folder) / "done.json").exists():
         return _load_disk_cache(Path(folder), captions, flip)
-    images = ds.ds[ds.image_column] if hasattr(ds.ds, "column_names") else [r[ds.image_column] for r in ds.ds]
+    images = [r[ds.image_column] for r in ds.ds] if plain else ds.ds[ds.image_column]
     shards, means, stds, boxes = [], [], [], []
     def flush(final: bool=False):  # cut what is pending into shards of exactly shard_size items
         mean, std = torch.cat(means), torch.cat(stds)

@@ -12,7 +12,8 @@ from .lora import lora_config, add_lora, TEXT_ENCODER_ATTENTION
 
 # %% auto #0
 __all__ = ['text_encoders', 'caption_ids', 'encode_text', 'add_time_ids', 'unet_conditions', 'used_layers',
-           'text_encoder_targets', 'add_text_encoder_lora', 'enable_checkpointing', 'vae_dtype']
+           'text_encoder_targets', 'add_text_encoder_lora', 'enable_checkpointing', 'vae_dtype', 'conditioning',
+           'caption_encoder']
 
 # %% ../nbs/04f_sdxl.ipynb #e6ec1602
 def text_encoders(m) -> list:
@@ -99,3 +100,27 @@ def vae_dtype(family: str, # "sd1", "sd2" or "sdxl"
              ) -> torch.dtype:
     "The dtype to keep the VAE in: fp32 for SDXL's own VAE, else the weight dtype."
     return torch.float32 if family == "sdxl" and not custom_vae else weight_dtype
+
+# %% ../nbs/04f_sdxl.ipynb #a7d09aeb
+def conditioning(batch: dict, # from `collate` or `collate_cached`
+                 m, # `SDComponents`
+                 encoders: list|None=None, # the text encoders when they train (possibly wrapped); `None`: frozen
+                 resolution: int=512, # the training resolution (SDXL's target size)
+                ) -> tuple[torch.Tensor, dict]: # `encoder_hidden_states`, and extra keyword arguments for the UNet
+    "The UNet's caption conditioning for a batch: cached, from frozen encoders, or from training ones."
+    device, dtype = m.unet.device, m.text_encoder.dtype
+    if "text_embeds" in batch:
+        text, pooled = batch["text_embeds"].to(device, dtype), batch.get("pooled_text_embeds")
+        pooled = None if pooled is None else pooled.to(device, dtype)
+    else:
+        with torch.set_grad_enabled(encoders is not None and torch.is_grad_enabled()):
+            text, pooled = encode_text(encoders or text_encoders(m), caption_ids(m, batch),
+                                       model_family(m.unet) == "sdxl", device)
+    return text, unet_conditions(pooled, batch, resolution)
+
+def caption_encoder(m): # `SDComponents` with frozen encoders
+    "captions -> (embeddings, pooled or None), as `conditioning` computes them: for `build_cache`."
+    sdxl = model_family(m.unet) == "sdxl"
+    def encode(captions: list[str]):
+        with torch.no_grad(): return encode_text(text_encoders(m), caption_ids(m, {"captions": captions}), sdxl, m.unet.device)
+    return encode
