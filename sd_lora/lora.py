@@ -15,8 +15,8 @@ from .models import model_family
 
 # %% auto #0
 __all__ = ['UNET_ATTENTION', 'LORA_INITS', 'TARGET_PRESETS', 'TEXT_ENCODER_ATTENTION', 'unet_lora_state_dict', 'KOHYA_BASE',
-           'lora_config', 'add_lora', 'lora_init', 'unet_targets', 'lora_state_dict', 'save_lora', 'kohya_state_dict',
-           'save_kohya']
+           'lora_config', 'add_lora', 'lora_init', 'unet_targets', 'lora_state_dict', 'adapter_metadata', 'save_lora',
+           'kohya_state_dict', 'save_kohya']
 
 # %% ../nbs/03_lora.ipynb #44a54157
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the reference script's UNet targets
@@ -80,6 +80,12 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
 
 unet_lora_state_dict = lora_state_dict  # the name earlier code uses
 
+def adapter_metadata(model) -> dict:
+    "The adapter's peft config for the saved file, without training-only dropout."
+    # diffusers injects the adapter into a model already in eval mode, and the new dropout layers start in train
+    # mode: a loaded LoRA with lora_dropout > 0 would drop at inference. Dropout means nothing after training.
+    return {**model.peft_config["default"].to_dict(), "lora_dropout": 0.0}
+
 def save_lora(output_dir: str|Path, # folder to write `pytorch_lora_weights.safetensors` into
               unet, # a UNet carrying a LoRA adapter named "default"
               pipeline_cls=None, # the pipeline class whose format we write (default: from the UNet's family)
@@ -89,13 +95,13 @@ def save_lora(output_dir: str|Path, # folder to write `pytorch_lora_weights.safe
     output_dir = Path(output_dir)
     xl = model_family(unet) == "sdxl"
     pipeline_cls = pipeline_cls or (StableDiffusionXLPipeline if xl else StableDiffusionPipeline)
-    kw = dict(unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    kw = dict(unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=adapter_metadata(unet))
     for name, te in zip(("text_encoder", "text_encoder_2"), text_encoders):
         if te is None: continue
         # transformers' loader reads a text encoder's DoRA magnitudes only as `...lora_magnitude_vector.weight`
         kw[f"{name}_lora_layers"] = {k + (".weight" if k.endswith("lora_magnitude_vector") else ""): v
                                      for k, v in get_peft_model_state_dict(te).items()}
-        kw[f"{name}_lora_adapter_metadata"] = te.peft_config["default"].to_dict()
+        kw[f"{name}_lora_adapter_metadata"] = adapter_metadata(te)
     pipeline_cls.save_lora_weights(output_dir, safe_serialization=True, **kw)
     return output_dir / "pytorch_lora_weights.safetensors"
 
