@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from .models import model_family
 
 # %% auto #0
-__all__ = ['UNET_ATTENTION', 'LORA_INITS', 'TARGET_PRESETS', 'TEXT_ENCODER_ATTENTION', 'unet_lora_state_dict', 'KOHYA_BASE',
-           'lora_config', 'add_lora', 'lora_init', 'unet_targets', 'lora_state_dict', 'adapter_metadata', 'save_lora',
+__all__ = ['UNET_ATTENTION', 'LORA_INITS', 'TARGET_PRESETS', 'TEXT_ENCODER_ATTENTION', 'KOHYA_BASE', 'lora_config', 'add_lora',
+           'lora_init', 'unet_targets', 'lora_state_dict', 'unet_lora_state_dict', 'adapter_metadata', 'save_lora',
            'kohya_state_dict', 'save_kohya']
 
 # %% ../nbs/03_lora.ipynb #44a54157
@@ -78,7 +78,9 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
     "A UNet's or text encoder's LoRA weights in diffusers' naming."
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
 
-unet_lora_state_dict = lora_state_dict  # the name earlier code uses
+def unet_lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    "The UNet's LoRA weights in diffusers' naming (`lora_state_dict` of the UNet)."
+    return lora_state_dict(unet)
 
 def adapter_metadata(model) -> dict:
     "The adapter's peft config for the saved file, without training-only dropout."

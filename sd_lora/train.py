@@ -24,7 +24,7 @@ from .core import weight_dtype, image_grid, quiet
 from .data import (load_image_dataset, check_columns, drop_unreadable, drop_bad_captions, warn_long_captions,
                           ImageCaptionDataset, collate)
 from .models import load_components, load_pipeline, model_family
-from .lora import lora_config, add_lora, unet_lora_state_dict, unet_targets
+from .lora import lora_config, add_lora, lora_state_dict, unet_lora_state_dict, unet_targets
 from .sdxl import text_encoders, add_text_encoder_lora, conditioning, caption_encoder, vae_dtype
 from .config import TrainConfig, parse_args, public_config
 from .outputs import save_outputs, push_to_hub
@@ -422,7 +422,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     unet, tes = acc.unwrap_model(run.unet), [acc.unwrap_model(te) for te in run.text_encoders]
     lora = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(unet).items()}
     for name, te in zip(("text_encoder", "text_encoder_2"), tes):
-        lora |= {f"{name}.{k}": v.detach().cpu().clone() for k, v in unet_lora_state_dict(te).items()}
+        lora |= {f"{name}.{k}": v.detach().cpu().clone() for k, v in lora_state_dict(te).items()}
     check_finite_weights(lora)
     lora_path = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
     if acc.is_main_process:
@@ -435,7 +435,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(Path(cfg.output_dir), lora_path, h.losses, h.lrs, h.grad_norms, h.step_times, h.skipped_steps,
                        run.global_step, eval_loss, lora)
 
-# %% ../nbs/05_train.ipynb #9f673499
+# %% ../nbs/05_train.ipynb #1395c997
 def main(argv: list[str]|None=None):
     "Command-line entry point: `sd_lora_train`, `python -m sd_lora.train`, `accelerate launch -m sd_lora.train`."
     quiet()
@@ -445,6 +445,6 @@ def main(argv: list[str]|None=None):
         sys.exit(128 + e.signum)
     print(f"Saved {res.lora_path}")
 
-# %% ../nbs/05_train.ipynb #6aee727e
+# %% ../nbs/05_train.ipynb #31714609
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK: main()
