@@ -87,8 +87,9 @@ def test_text_encoder_lora_trains_with_its_own_lr_and_no_cached_captions(demo_da
     assert all(float(now[n].abs().sum()) > 0 for n in te_lora)
 
 
-def test_text_encoder_lora_resumes_exactly(demo_data, tmp_path):
-    kw = dict(train_text_encoder=True, max_train_steps=4, checkpointing_steps=2, cache_latents="off")
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_text_encoder_lora_resumes_exactly(demo_data, tmp_path, use_dora):
+    kw = dict(train_text_encoder=True, max_train_steps=4, checkpointing_steps=2, cache_latents="off", use_dora=use_dora)
     full = train(tiny_config(demo_data, tmp_path / "full", **kw))
     assert any(k.startswith("text_encoder.") for k in full.lora)
     (tmp_path / "resumed").mkdir()
@@ -114,3 +115,21 @@ def test_sdxl_text_encoders_in_two_ddp_processes(demo_data, tmp_path):
 def test_unsupported_reference_flags_are_refused(demo_data, tmp_path):
     with pytest.raises(ValueError, match="--debug_loss is not supported"):
         setup(tiny_config(demo_data, tmp_path, debug_loss=True))
+
+
+def test_sdxl_vae_stays_fp32_under_mixed_precision_unless_another_vae_is_given(demo_data, tmp_path):
+    from diffusers import AutoencoderKL
+    from sd_lora.train import train_step
+    r = setup(tiny_config(demo_data, tmp_path / "own", pretrained_model_name_or_path=TINY_SDXL, mixed_precision="bf16",
+                          train_text_encoder=True))
+    assert r.m.vae.dtype == torch.float32 and r.m.unet.dtype == r.m.text_encoder_2.dtype == torch.bfloat16
+    assert {p.dtype for p in r.params} == {torch.float32}
+    loss, norm, bad = train_step(r, next(iter(r.dataloader)))
+    assert torch.isfinite(loss) and float(bad) == 0.0
+    r.accelerator.end_training()
+    vae_dir = tmp_path / "fp16-fix"
+    AutoencoderKL.from_pretrained(resolve_model(TINY_SDXL), subfolder="vae").save_pretrained(vae_dir)
+    r = setup(tiny_config(demo_data, tmp_path / "other", pretrained_model_name_or_path=TINY_SDXL, mixed_precision="bf16",
+                          pretrained_vae_model_name_or_path=str(vae_dir)))
+    assert r.m.vae.dtype == torch.bfloat16
+    r.accelerator.end_training()
