@@ -179,8 +179,9 @@ def setup(cfg: TrainConfig) -> Run:
         collate_fn=collate_cached if isinstance(ds, CachedDataset) else collate)
     dl, eval_dl = loader(train_ds, True, batch_size), eval_ds and loader(eval_ds, False, cfg.train_batch_size)
     n = accelerator.num_processes
-    lr = cfg.learning_rate * (cfg.gradient_accumulation_steps * cfg.train_batch_size * n if cfg.scale_lr else 1)
-    te_lr = (cfg.text_encoder_lr or cfg.learning_rate) * lr / cfg.learning_rate
+    scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * n if cfg.scale_lr else 1
+    lr = cfg.learning_rate * scale
+    te_lr = (cfg.learning_rate if cfg.text_encoder_lr is None else cfg.text_encoder_lr) * scale
     optimizer = make_optimizer([{"params": params}] + ([{"params": te_params, "lr": te_lr}] if te_params else []), cfg, lr)
     steps_per_epoch = math.ceil(math.ceil(len(dl) / n) / accelerator.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch

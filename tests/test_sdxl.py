@@ -84,7 +84,10 @@ def test_text_encoder_lora_trains_with_its_own_lr_and_no_cached_captions(demo_da
     train_loop(r)
     r.accelerator.end_training()
     now = dict(r.m.text_encoder.named_parameters())
-    assert all(float(now[n].abs().sum()) > 0 for n in te_lora)
+    assert all(float(now[n].detach().abs().sum()) > 0 for n in te_lora)
+    scaled = setup(tiny_config(demo_data, tmp_path / "scaled", train_text_encoder=True, text_encoder_lr=3e-4, scale_lr=True))
+    assert [g["lr"] for g in scaled.optimizer.optimizer.param_groups] == pytest.approx([2e-3, 6e-4])  # x batch 2
+    scaled.accelerator.end_training()
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
