@@ -181,6 +181,9 @@ def load_components(name_or_path: str|None=TINY_SD, # `TINY_SD`, a Hub id or a l
     _check_model(path)
     kw = dict(revision=revision, cache_dir=cache_dir)
     index = DiffusionPipeline.load_config(path, **kw)  # model_index.json: which parts, of which classes
+    if not (index.get("text_encoder") or [None])[0] or "unet" not in index:
+        raise ValueError(f"{path!r} has no text_encoder or no unet (an SDXL refiner, or another architecture): "
+                         "give a Stable Diffusion 1.x, 2.x or XL base model")
     def text_encoder(sub):  # CLIPTextModel, or CLIPTextModelWithProjection for SDXL's second encoder
         return getattr(transformers, index[sub][1]).from_pretrained(path, subfolder=sub, variant=variant, **kw)
     two = (index.get("text_encoder_2") or [None])[0] is not None

@@ -62,3 +62,13 @@ def test_another_vae_replaces_the_checkpoints(tmp_path):
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
     vae.save_pretrained(tmp_path)
     assert load_components("sd_lora:tiny-sdxl", vae_name_or_path=str(tmp_path)).vae.config.scaling_factor == 0.5
+
+
+def test_a_checkpoint_without_a_first_text_encoder_is_refused_with_the_reason(tmp_path):
+    "An SDXL refiner's model_index.json names no text_encoder: say so instead of failing inside transformers."
+    import json, shutil
+    shutil.copytree(resolve_model("sd_lora:tiny-sdxl"), tmp_path / "refiner")
+    index = json.loads((tmp_path / "refiner" / "model_index.json").read_text())
+    (tmp_path / "refiner" / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None]}))
+    with pytest.raises(ValueError, match="no text_encoder"):
+        load_components(str(tmp_path / "refiner"))
