@@ -22,21 +22,24 @@ def fixed_crop(img, # a PIL image
                resolution: int, # the training resolution
                center_crop: bool, # the run's --center_crop
                interpolation: str="lanczos", # the run's resize filter
+               original_size: tuple[int, int]|None=None, # (height, width) of the full image: also return SDXL's micro-conditions
               ):
-    "The training crop of `img` if it is the same every epoch, else `None`."
+    "The training crop of `img` if it is the same every epoch, else `None`; with `original_size`, (crop, (h, w, top, left))."
     img = resize_shorter(to_rgb(img), resolution, interpolation)
     if not center_crop and img.size != (resolution, resolution): return None
     top, left = crop_box(img.width, img.height, resolution, True, None)
-    return img.crop((left, top, left + resolution, top + resolution))
+    crop = img.crop((left, top, left + resolution, top + resolution))
+    return crop if original_size is None else (crop, (*original_size, top, left))
 
 # %% ../nbs/04d_cache.ipynb #901446fb
 def cache_key(model: str, # the model's name or folder
               resolution: int, center_crop: bool, random_flip: bool, interpolation: str, # the transforms
               data_fingerprint: str, # identifies the images and captions
               dtype: torch.dtype, # the VAE's dtype
+              text: bool=True, # whether caption embeddings are cached too
              ) -> str:
     "A short hash of everything the cached latents depend on."
-    parts = [model, resolution, center_crop, random_flip, interpolation, data_fingerprint, str(dtype), "v1"]
+    parts = [model, resolution, center_crop, random_flip, interpolation, data_fingerprint, str(dtype), text, "v2"]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 def data_fingerprint(ds) -> str:
@@ -49,18 +52,18 @@ class LatentCache:
     "Cached VAE latent distributions (per image and orientation) and text embeddings (per caption)."
     def __init__(self, shards: list, # per shard: a dict of tensors, or a safetensors file to read lazily
                  shard_size: int, # items per shard
-                 text: dict, # caption -> index into `text_embeds`
-                 text_embeds, # `(n_captions, seq, dim)` tensor, or a safetensors file
+                 text: dict|None, # caption -> index into `text_embeds`; `None` if captions are not cached
+                 text_embeds, # `(n_captions, seq, dim)` tensor (and `pooled`, SDXL), or a safetensors file
                  captions: list, # each item's caption cell (a string or a list of strings)
                  flips: bool, # whether each image is cached in both orientations
+                 boxes: list|None=None, # per item: (height, width, top, left), SDXL's micro-conditions
                 ):
         self.shards, self.shard_size, self.text, self.captions = shards, shard_size, text, captions
-        self.text_embeds, self.flips, self._open = text_embeds, flips, {}
+        self.text_embeds, self.flips, self.boxes, self._open = text_embeds, flips, boxes, {}
 
     def _get(self, src, name, idx):
         if isinstance(src, dict): return src[name][idx]
-        if src not in self._open: self._open[src] = safe_open(src, "pt")
-        return self._open[src].get_slice(name)[idx]
+        return self._open_file(src).get_slice(name)[idx]
 
     def latent(self, i: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
         "The mean and std of item `i`'s latent, mirrored or not."
@@ -69,10 +72,17 @@ class LatentCache:
         src = self.shards[shard]
         return self._get(src, "mean", j)[int(flip)], self._get(src, "std", j)[int(flip)]
 
-    def text_embedding(self, caption: str) -> torch.Tensor:
-        "The text encoder's output for `caption`."
-        src = self.text_embeds if isinstance(self.text_embeds, str) else {"embeds": self.text_embeds}
-        return self._get(src, "embeds", self.text[caption])
+    def text_embedding(self, caption: str) -> dict[str, torch.Tensor]:
+        "The text encoder's output for `caption`: `text_embeds`, and `pooled_text_embeds` for SDXL."
+        src = self.text_embeds  # a dict of tensors, or a safetensors file
+        names = src.keys() if isinstance(src, dict) else self._open_file(src).keys()
+        out = {"text_embeds": self._get(src, "embeds", self.text[caption])}
+        if "pooled" in names: out["pooled_text_embeds"] = self._get(src, "pooled", self.text[caption])
+        return out
+
+    def _open_file(self, src):
+        if src not in self._open: self._open[src] = safe_open(src, "pt")
+        return self._open[src]
 
     def __len__(self): return len(self.captions)
 
@@ -81,19 +91,26 @@ class LatentCache:
 def _all_captions(cell) -> list[str]:
     return [cell] if isinstance(cell, str) else [str(c) for c in cell]
 
+def _encode_with(text_encoder, tokenizer):
+    "captions -> (last hidden state, None): SD1.x and SD2.x conditioning."
+    def encode(caps): return text_encoder(tokenize(tokenizer, caps).to(text_encoder.device), return_dict=False)[0], None
+    return encode
+
 @torch.no_grad()
 def build_cache(ds: ImageCaptionDataset, # the training set whose items to encode
-                vae, text_encoder, tokenizer, # the frozen encoders, on their device and dtype
+                vae, text_encoder, tokenizer, # the frozen encoders, on their device and dtype; `text_encoder=None`: images only
                 batch_size: int=8, # images encoded at once
                 folder: str|Path|None=None, # write shards here (disk cache); `None` keeps them in memory
                 shard_size: int=512, # items per shard
+                encode_captions=None, # captions -> (embeddings, pooled or None); default: `text_encoder`'s last state
                ) -> LatentCache|None: # `None` if some crop is random, so latents cannot be cached
     "Encode every image (and its mirror) and every caption once."
     res, center, flip = ds.kw["resolution"], ds.kw["center_crop"], ds.kw["random_flip"]
-    captions = list(ds.ds[ds.caption_column])
+    plain = not hasattr(ds.ds, "column_names")  # a list of dicts rather than a `datasets.Dataset`
+    captions = [r[ds.caption_column] for r in ds.ds] if plain else list(ds.ds[ds.caption_column])
     if folder is not None and (Path(folder) / "done.json").exists():
         return _load_disk_cache(Path(folder), captions, flip)
-    shards, means, stds = [], [], []
+    shards, means, stds, boxes = [], [], [], []
     def flush(final: bool=False):  # cut what is pending into shards of exactly shard_size items
         mean, std = torch.cat(means), torch.cat(stds)
         means.clear(); stds.clear()
@@ -107,29 +124,35 @@ def build_cache(ds: ImageCaptionDataset, # the training set whose items to encod
         if len(mean): means.append(mean); stds.append(std)
     if folder is not None: Path(folder).mkdir(parents=True, exist_ok=True)
     for start in range(0, len(ds), batch_size):
-        crops = [fixed_crop(ds.image(i)[0], res, center, ds.kw["interpolation"]) for i in range(start, min(start + batch_size, len(ds)))]
+        opened = [ds.image(i) for i in range(start, min(start + batch_size, len(ds)))]  # (image, full size)
+        crops = [fixed_crop(img, res, center, ds.kw["interpolation"], original_size=size) for img, size in opened]
         if any(c is None for c in crops): return None
-        x = torch.stack([to_tensor(c) for c in crops])
+        boxes += [box for _, box in crops]
+        x = torch.stack([to_tensor(c) for c, _ in crops])
         if flip: x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
         dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
         n_orient = 2 if flip else 1
         means.append(dist.mean.cpu().unflatten(0, (-1, n_orient))); stds.append(dist.std.cpu().unflatten(0, (-1, n_orient)))
         if sum(len(m) for m in means) >= shard_size: flush()
     if means: flush(final=True)
-    unique = sorted({c for cell in captions for c in _all_captions(cell)})
-    embeds = torch.cat([text_encoder(tokenize(tokenizer, unique[k:k + 64]).to(text_encoder.device), return_dict=False)[0].cpu()
-                        for k in range(0, len(unique), 64)])
-    text = {c: k for k, c in enumerate(unique)}
-    if folder is None: return LatentCache(shards, shard_size, text, embeds, captions, flip)
-    save_file({"embeds": embeds.contiguous()}, str(Path(folder) / "text.safetensors"))
-    (Path(folder) / "done.json").write_text(json.dumps({"shard_size": shard_size, "captions": unique}))
+    encode = encode_captions or (text_encoder is not None and _encode_with(text_encoder, tokenizer))
+    unique = sorted({c for cell in captions for c in _all_captions(cell)}) if encode else []
+    parts = [encode(unique[k:k + 64]) for k in range(0, len(unique), 64)]
+    embeds = {"embeds": torch.cat([e.cpu() for e, _ in parts]).contiguous()} if parts else {}
+    if parts and parts[0][1] is not None: embeds["pooled"] = torch.cat([p.cpu() for _, p in parts]).contiguous()
+    text = {c: k for k, c in enumerate(unique)} if encode else None
+    if folder is None: return LatentCache(shards, shard_size, text, embeds, captions, flip, boxes)
+    if encode: save_file(embeds, str(Path(folder) / "text.safetensors"))
+    (Path(folder) / "done.json").write_text(json.dumps({"shard_size": shard_size, "captions": unique,
+                                                        "text": bool(encode), "boxes": boxes}))
     return _load_disk_cache(Path(folder), captions, flip)
 
 def _load_disk_cache(folder: Path, captions: list, flips: bool) -> LatentCache:
     meta = json.loads((folder / "done.json").read_text())
     shards = [str(p) for p in sorted(folder.glob("latents-*.safetensors"))]
-    return LatentCache(shards, meta["shard_size"], {c: k for k, c in enumerate(meta["captions"])},
-                       str(folder / "text.safetensors"), captions, flips)
+    text = {c: k for k, c in enumerate(meta["captions"])} if meta.get("text", True) else None
+    return LatentCache(shards, meta["shard_size"], text, str(folder / "text.safetensors"), captions, flips,
+                       [tuple(b) for b in meta.get("boxes", [])] or None)
 
 # %% ../nbs/04d_cache.ipynb #f30bbaea
 class CachedDataset(torch.utils.data.Dataset):
@@ -146,10 +169,19 @@ class CachedDataset(torch.utils.data.Dataset):
         flip = kw["random_flip"] and rng.random() < 0.5
         caption = pick_caption(self.cache.captions[i], rng)
         mean, std = self.cache.latent(i, flip)
-        return {"latent_mean": mean, "latent_std": std, "text_embeds": self.cache.text_embedding(caption),
-                "caption": caption, "index": i}
+        item = {"latent_mean": mean, "latent_std": std, "caption": caption, "index": i}
+        if self.cache.text is not None: item |= self.cache.text_embedding(caption)
+        if self.cache.boxes is not None:
+            h, w, top, left = self.cache.boxes[i]
+            item |= {"original_size": (h, w), "crop_top_left": (top, left)}
+        return item
 
 def collate_cached(items: list[dict]) -> dict:
     "Stack cached items into a batch."
-    return {k: torch.stack([it[k] for it in items]) for k in ("latent_mean", "latent_std", "text_embeds")} | {
+    tensors = [k for k in ("latent_mean", "latent_std", "text_embeds", "pooled_text_embeds") if k in items[0]]
+    batch = {k: torch.stack([it[k] for it in items]) for k in tensors} | {
         "captions": [it["caption"] for it in items], "indices": torch.tensor([it["index"] for it in items])}
+    if "original_size" in items[0]:
+        batch |= {"original_sizes": [it["original_size"] for it in items],
+                  "crop_top_lefts": [it["crop_top_left"] for it in items]}
+    return batch

@@ -19,24 +19,31 @@ __all__ = ['load_lora_into', 'register_lora_hooks', 'register_generator_hooks', 
            'find_checkpoint']
 
 # %% ../nbs/04a_checkpoints.ipynb #a5f09018
-def load_lora_into(unet, # a UNet with a LoRA adapter named "default"
+def load_lora_into(unet, # a UNet (or text encoder) with a LoRA adapter named "default"
                    folder: str|Path, # a folder holding `pytorch_lora_weights.safetensors`
+                   prefix: str="unet", # the model's keys in the file: unet, text_encoder or text_encoder_2
                   ):
-    "Load LoRA weights saved by `save_lora` into the existing adapter of `unet`."
+    "Load LoRA weights saved by `save_lora` into the existing adapter of `unet` (or a text encoder)."
     sd = StableDiffusionPipeline.lora_state_dict(str(folder))[0]
-    sd = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in sd.items() if k.startswith("unet.")})
-    res = set_peft_model_state_dict(unet, sd, adapter_name="default")
+    sd = {k.removeprefix(prefix + ".").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
+          for k, v in sd.items() if k.startswith(prefix + ".")}
+    res = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(sd), adapter_name="default")
     if getattr(res, "unexpected_keys", None):
-        raise ValueError(f"{folder}: LoRA keys that this UNet lacks, e.g. {res.unexpected_keys[:3]}")
+        raise ValueError(f"{folder}: LoRA keys that this {prefix} lacks, e.g. {res.unexpected_keys[:3]}")
 
-def register_lora_hooks(accelerator: Accelerator, unet):
-    "Make `save_state`/`load_state` write and read only the UNet's LoRA."
+def register_lora_hooks(accelerator: Accelerator, unet,
+                        text_encoders: list=(), # the text encoders whose LoRA trains, if any
+                       ):
+    "Make `save_state`/`load_state` write and read only the LoRA weights."
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process: save_lora(output_dir, accelerator.unwrap_model(unet))
+        if accelerator.is_main_process:
+            save_lora(output_dir, accelerator.unwrap_model(unet), text_encoders=[accelerator.unwrap_model(te) for te in text_encoders])
         weights.clear()
     def load_hook(models, input_dir):
         models.clear()
         load_lora_into(accelerator.unwrap_model(unet), input_dir)
+        for te, prefix in zip(text_encoders, ("text_encoder", "text_encoder_2")):
+            load_lora_into(accelerator.unwrap_model(te), input_dir, prefix)
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 

@@ -66,8 +66,16 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = False # use xformers attention (CUDA only)
     noise_offset: float = 0 # scale of noise offset (0.1 is common); 0 for none
     rank: int = 4 # LoRA rank
+    pretrained_vae_model_name_or_path: str|None = None # (SDXL script) another VAE, e.g. SDXL's fp16 fix; else SDXL's VAE stays in fp32
+    train_text_encoder: bool = False # (SDXL script) also train LoRA on the text encoder(s): q_proj, k_proj, v_proj, out_proj
+    debug_loss: bool = False # (SDXL script) per-image losses by file name; not supported here (use eval_samples)
+    enable_npu_flash_attention: bool = False # (SDXL script) Ascend NPU attention; not supported here
     lora_alpha: float|None = None # (sd_lora) LoRA alpha; default: the rank (scale 1)
-    init_lora_weights: str = "gaussian" # (sd_lora) LoRA init: gaussian, or peft's default with "true"
+    init_lora_weights: str = "gaussian" # (sd_lora) LoRA init: gaussian (the reference's), true (peft's default), orthogonal, false
+    lora_dropout: float = 0.0 # (sd_lora) dropout on the LoRA branch while training
+    use_dora: bool = False # (sd_lora) DoRA: also learn each adapted weight's per-row magnitude
+    target_modules: str = "attention" # (sd_lora) UNet layers to adapt: attention, attention_ff, attention_ff_conv, or a comma-separated list of layer names
+    text_encoder_lr: float|None = None # (sd_lora) learning rate of the text-encoder LoRA; default: learning_rate
     validation_steps: int|None = None # (sd_lora) also validate every this many steps
     eval_samples: int = 64 # (sd_lora) at each validation, the fixed-noise loss on this many training images (0: off)
     cache_latents: str = "memory" # (sd_lora) encode images and captions once before training: memory, disk or off
@@ -79,6 +87,7 @@ class TrainConfig:
 
 # %% ../nbs/04b_config.ipynb #75f409f5
 CHOICES = {"mixed_precision": ["no", "fp16", "bf16"], "cache_latents": ["memory", "disk", "off"], "prediction_type": ["epsilon", "v_prediction"],
+           "init_lora_weights": ["gaussian", "true", "false", "orthogonal"],
            "report_to": ["tensorboard", "wandb", "all", "none"],
            "lr_scheduler": ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
            "image_interpolation_mode": ["lanczos", "bicubic", "bilinear", "box", "hamming", "nearest", "nearest-exact"]}

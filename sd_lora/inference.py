@@ -110,11 +110,21 @@ def find_lora_file(path: str|Path, # a LoRA folder or weights file
     return path
 
 # %% ../nbs/07_inference.ipynb #c1099978
+_OLD_TE_NAMES = {"to_q_lora": "q_proj.lora", "to_k_lora": "k_proj.lora", "to_v_lora": "v_proj.lora",
+                 "to_out_lora": "out_proj.lora"}
+
+def _text_encoder_key(k: str, model) -> str:
+    "A text-encoder LoRA key in the model's own layer names (kohya files arrive in diffusers' older naming)."
+    for old, new in _OLD_TE_NAMES.items(): k = k.replace(f".{old}.", f".{new}.")
+    # transformers 5's CLIPTextModel has no `text_model` level; kohya's names keep it
+    return k.removeprefix("text_model.") if not hasattr(model, "text_model") else k
+
 def _lora_layers(pipe, path: Path):
     "(component, layer name, 'A' or 'B', weight) for each LoRA matrix in the file, in diffusers' layer names."
     sd = pipe.lora_state_dict(str(path.parent), weight_name=path.name)[0]
-    for comp in ("unet", "text_encoder"):
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
         part = {k.removeprefix(comp + "."): v for k, v in sd.items() if k.startswith(comp + ".")}
+        if comp != "unet": part = {_text_encoder_key(k, getattr(pipe, comp, None)): v for k, v in part.items()}
         for k, v in convert_unet_state_dict_to_peft(part).items():
             m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", k)
             if m: yield comp, m[1], m[2], v
@@ -126,7 +136,7 @@ def lora_mismatches(pipe, # the pipeline the LoRA is meant for
     problems = []
     for comp, name, kind, w in _lora_layers(pipe, path):
         try: layer = getattr(pipe, comp).get_submodule(name)
-        except AttributeError:
+        except AttributeError:  # no such layer, or no such component (an SDXL file in an SD1.x pipeline)
             problems.append(f"{comp}.{name} is not a layer of this model"); continue
         shape = getattr(layer, "base_layer", layer).weight.shape  # (out, in, ...)
         if (kind == "A" and w.shape[1] != shape[1]) or (kind == "B" and w.shape[0] != shape[0]):
@@ -248,7 +258,7 @@ def weight_sweep(pipe, # a pipeline with adapters loaded
         rows[f"{' + '.join(names)} x{w:g}"] = generate(pipe, prompts, **kwargs)
     return rows
 
-# %% ../nbs/07_inference.ipynb #908cf248
+# %% ../nbs/07_inference.ipynb #6e8052f8
 def parse_lora_arg(spec: str, # `PATH` or `PATH:WEIGHT`
                   ) -> tuple[str, float]:
     "Split a `--lora` value into the path and its weight (default 1)."

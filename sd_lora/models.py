@@ -10,12 +10,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from transformers import CLIPTokenizer, CLIPTextConfig, CLIPTextModel
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+import transformers
+from transformers import CLIPTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, DiffusionPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 
 # %% auto #0
-__all__ = ['TINY_SD', 'bytes_to_unicode', 'byte_clip_tokenizer', 'tiny_sd_pipeline', 'sd_lora_home', 'tiny_sd_path',
-           'resolve_model', 'SDComponents', 'load_components', 'load_pipeline']
+__all__ = ['TINY_SD', 'TINY_SD2', 'TINY_SDXL', 'TINY_FAMILY', 'bytes_to_unicode', 'byte_clip_tokenizer', 'tiny_sd_pipeline',
+           'tiny_sd2_pipeline', 'tiny_sdxl_pipeline', 'sd_lora_home', 'tiny_sd_path', 'tiny_family_path',
+           'resolve_model', 'SDComponents', 'load_components', 'model_family', 'load_pipeline']
 
 # %% ../nbs/02_models.ipynb #047f4d9a
 def bytes_to_unicode() -> dict[int, str]:
@@ -58,6 +61,55 @@ def tiny_sd_pipeline(seed: int=0, # seeds the random weights
                                    requires_safety_checker=False)
 
 # %% ../nbs/02_models.ipynb #b9e5ec79
+def _tiny_clip_config(tokenizer, hidden_act: str="quick_gelu", projection_dim: int=32) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, hidden_act=hidden_act,
+                          projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+def _tiny_vae(scaling_factor: float=0.18215) -> AutoencoderKL:
+    return AutoencoderKL(block_out_channels=(32, 64, 64), latent_channels=4, sample_size=64,
+                         scaling_factor=scaling_factor, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3)
+
+def tiny_sd2_pipeline(seed: int=0, # seeds the random weights
+                     ) -> StableDiffusionPipeline:
+    "A tiny SD2.x-v pipeline: linear-projection attention, a GELU text encoder, a v-prediction scheduler."
+    tokenizer = byte_clip_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+            attention_head_dim=(2, 4), use_linear_projection=True,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        vae, text_encoder = _tiny_vae(), CLIPTextModel(_tiny_clip_config(tokenizer, "gelu"))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                              steps_offset=1, clip_sample=False, prediction_type="v_prediction")
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+# %% ../nbs/02_models.ipynb #256236d1
+def tiny_sdxl_pipeline(seed: int=0, # seeds the random weights
+                      ) -> StableDiffusionXLPipeline:
+    "A tiny SDXL pipeline: two text encoders (the second with a projection) and size/crop micro-conditioning."
+    tokenizer, tokenizer_2 = byte_clip_tokenizer(), byte_clip_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
+            attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+        vae = _tiny_vae(scaling_factor=0.13025)
+        text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2, "gelu"))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+
+# %% ../nbs/02_models.ipynb #96a773a6
 TINY_SD = "sd_lora:tiny-sd"  # the embedded default model; not a Hub id (those have no ':')
 
 def sd_lora_home() -> Path:
@@ -75,12 +127,29 @@ def tiny_sd_path() -> Path:
         except OSError: shutil.rmtree(tmp, ignore_errors=True)
     return path
 
-def resolve_model(name_or_path: str|None, # `TINY_SD`, `None` (the same), a Hub id or a local folder
+TINY_SD2, TINY_SDXL = "sd_lora:tiny-sd2", "sd_lora:tiny-sdxl"  # the other families, built the same way
+TINY_FAMILY = {TINY_SD2: ("tiny-sd2-v", tiny_sd2_pipeline), TINY_SDXL: ("tiny-sdxl", tiny_sdxl_pipeline)}
+
+def tiny_family_path(name: str, # `TINY_SD2` or `TINY_SDXL`
+                    ) -> Path:
+    "The folder of a tiny SD2 or SDXL, written on first use."
+    folder, build = TINY_FAMILY[name]
+    path = sd_lora_home() / folder
+    if not (path / "model_index.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{folder}-"))
+        build().save_pretrained(tmp)
+        try: tmp.rename(path)
+        except OSError: shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+def resolve_model(name_or_path: str|None, # `TINY_SD`, `TINY_SD2`, `TINY_SDXL`, `None` (`TINY_SD`), a Hub id or a local folder
                  ) -> str:
     "Turn the embedded default's name into its folder; pass anything else through."
+    if name_or_path in TINY_FAMILY: return str(tiny_family_path(name_or_path))
     return str(tiny_sd_path()) if name_or_path in (None, TINY_SD) else str(name_or_path)
 
-# %% ../nbs/02_models.ipynb #256236d1
+# %% ../nbs/02_models.ipynb #f2a86e12
 @dataclass
 class SDComponents:
     "The parts of a Stable Diffusion checkpoint that training uses."
@@ -89,6 +158,8 @@ class SDComponents:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
+    tokenizer_2: CLIPTokenizer|None = None # SDXL's second tokenizer
+    text_encoder_2: CLIPTextModelWithProjection|None = None # SDXL's second text encoder (with a projection)
 
 def _check_model(path: str):
     "Fail early, naming the path, on a local model folder that is missing or is not a pipeline."
@@ -103,27 +174,46 @@ def load_components(name_or_path: str|None=TINY_SD, # `TINY_SD`, a Hub id or a l
                     revision: str|None=None, # a Hub revision (branch, tag or commit)
                     variant: str|None=None, # a weights variant such as "fp16"
                     cache_dir: str|None=None, # where Hub downloads are cached
+                    vae_name_or_path: str|None=None, # another VAE (a Hub id or folder of an `AutoencoderKL`), e.g. SDXL's fp16 fix
                    ) -> SDComponents:
-    "Load tokenizer, text encoder, VAE, UNet and noise scheduler from one checkpoint."
+    "Load tokenizer(s), text encoder(s), VAE, UNet and noise scheduler from one checkpoint."
     path = resolve_model(name_or_path)
     _check_model(path)
     kw = dict(revision=revision, cache_dir=cache_dir)
+    index = DiffusionPipeline.load_config(path, **kw)  # model_index.json: which parts, of which classes
+    if not (index.get("text_encoder") or [None])[0] or "unet" not in index:
+        raise ValueError(f"{path!r} has no text_encoder or no unet (an SDXL refiner, or another architecture): "
+                         "give a Stable Diffusion 1.x, 2.x or XL base model")
+    def text_encoder(sub):  # CLIPTextModel, or CLIPTextModelWithProjection for SDXL's second encoder
+        return getattr(transformers, index[sub][1]).from_pretrained(path, subfolder=sub, variant=variant, **kw)
+    two = (index.get("text_encoder_2") or [None])[0] is not None
+    vae = (AutoencoderKL.from_pretrained(vae_name_or_path, **kw) if vae_name_or_path else
+           AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw))
     return SDComponents(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw),
+        text_encoder=text_encoder("text_encoder"), vae=vae,
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw))
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw) if two else None,
+        text_encoder_2=text_encoder("text_encoder_2") if two else None)
+
+def model_family(unet, # the loaded UNet
+                ) -> str: # "sdxl", "sd2" or "sd1"
+    "Which Stable Diffusion family a UNet belongs to, from its config (not from the model's name)."
+    if unet.config.addition_embed_type == "text_time": return "sdxl"
+    return "sd2" if unet.config.use_linear_projection else "sd1"
 
 def load_pipeline(name_or_path: str|None=TINY_SD, # `TINY_SD`, a Hub id or a local folder
                   revision: str|None=None, # a Hub revision
                   variant: str|None=None, # a weights variant such as "fp16"
                   dtype: torch.dtype|None=None, # the dtype of all weights (default: as saved, usually fp32)
-                  **kwargs, # passed on to `StableDiffusionPipeline.from_pretrained`
-                 ) -> StableDiffusionPipeline:
-    "Load a Stable Diffusion pipeline, tiny or real, for inference."
+                  **kwargs, # passed on to the pipeline's `from_pretrained`
+                 ) -> StableDiffusionPipeline|StableDiffusionXLPipeline:
+    "Load a Stable Diffusion (1.x, 2.x or XL) pipeline, tiny or real, for inference."
     path = resolve_model(name_or_path)
     _check_model(path)
-    kwargs.setdefault("safety_checker", None)
+    index = DiffusionPipeline.load_config(path, revision=revision)
+    cls = StableDiffusionXLPipeline if "text_encoder_2" in index else StableDiffusionPipeline
+    if cls is StableDiffusionPipeline: kwargs.setdefault("safety_checker", None)
     if dtype is not None: kwargs["dtype"] = dtype
-    return StableDiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, **kwargs)
+    return cls.from_pretrained(path, revision=revision, variant=variant, **kwargs)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from .config import TrainConfig, public_config
 from .lora import save_lora, save_kohya
+from .models import model_family
 
 # %% auto #0
 __all__ = ['KOHYA_FILE', 'model_card', 'save_outputs', 'hub_files', 'push_to_hub']
@@ -15,28 +16,36 @@ __all__ = ['KOHYA_FILE', 'model_card', 'save_outputs', 'hub_files', 'push_to_hub
 # %% ../nbs/04c_outputs.ipynb #6eda5eb9
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
-def model_card(cfg: TrainConfig) -> str:
+def model_card(cfg: TrainConfig,
+               pipeline: str="StableDiffusionPipeline", # the diffusers pipeline class of the base model
+               kohya: bool=True, # whether the folder holds a kohya file
+              ) -> str:
     "A short model card (README.md) for the LoRA folder."
     data = cfg.dataset_name or cfg.train_data_dir
+    te = " and text encoder" if cfg.train_text_encoder else ""
+    variant = ", DoRA" if cfg.use_dora else ""
+    kohya_note = (f"`{KOHYA_FILE}` holds the same LoRA for AUTOMATIC1111, ComfyUI and kohya's sd-scripts.\n" if kohya else
+                  "No kohya file: DoRA magnitudes do not survive diffusers' kohya loader; use the file above.\n")
     return (f"---\nbase_model: {cfg.pretrained_model_name_or_path}\nlibrary_name: diffusers\n"
             f"tags: [stable-diffusion, text-to-image, diffusers, lora, sd_lora]\n---\n\n"
             f"# LoRA text-to-image weights\n\nTrained with sd_lora on `{data}` from "
-            f"`{cfg.pretrained_model_name_or_path}`: rank {cfg.rank}, alpha {cfg.lora_alpha or cfg.rank}, "
+            f"`{cfg.pretrained_model_name_or_path}` (UNet{te}{variant}): rank {cfg.rank}, alpha {cfg.lora_alpha or cfg.rank}, "
             f"resolution {cfg.resolution}, learning rate {cfg.learning_rate}.\n\n"
-            "```python\nfrom diffusers import StableDiffusionPipeline\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained(\"{cfg.pretrained_model_name_or_path}\")\n"
-            "pipe.load_lora_weights(\"path/to/this/folder\")\n```\n\n"
-            f"`{KOHYA_FILE}` holds the same LoRA for AUTOMATIC1111, ComfyUI and kohya's sd-scripts.\n")
+            f"```python\nfrom diffusers import {pipeline}\n"
+            f"pipe = {pipeline}.from_pretrained(\"{cfg.pretrained_model_name_or_path}\")\n"
+            "pipe.load_lora_weights(\"path/to/this/folder\")\n```\n\n" + kohya_note)
 
 def save_outputs(cfg: TrainConfig, # the run's settings; files go to `cfg.output_dir`
                  unet, # the trained UNet, unwrapped, with its LoRA adapter
+                 text_encoders: list=(), # the trained text encoders, unwrapped, if `--train_text_encoder`
                  **facts, # what the run knows beyond its settings (process count, precision, steps)
                 ) -> Path: # the diffusers-format LoRA file
-    "Write the LoRA in two formats, the model card and the run's settings."
+    "Write the LoRA in two formats (one for DoRA), the model card and the run's settings."
     out = Path(cfg.output_dir)
-    path = save_lora(out, unet)
-    save_kohya(out / KOHYA_FILE, unet)
-    (out / "README.md").write_text(model_card(cfg))
+    path = save_lora(out, unet, text_encoders=text_encoders)
+    if not cfg.use_dora: save_kohya(out / KOHYA_FILE, unet, text_encoders=text_encoders)
+    pipeline = "StableDiffusionXLPipeline" if model_family(unet) == "sdxl" else "StableDiffusionPipeline"
+    (out / "README.md").write_text(model_card(cfg, pipeline, kohya=not cfg.use_dora))
     (out / "train_config.json").write_text(json.dumps({**public_config(cfg), **facts}, indent=2))
     return path
 

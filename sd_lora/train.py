@@ -9,7 +9,7 @@ import pickle
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
@@ -19,13 +19,14 @@ from fastcore.imports import IN_NOTEBOOK
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from .core import weight_dtype, image_grid, quiet
 from .data import (load_image_dataset, check_columns, drop_unreadable, drop_bad_captions, warn_long_captions,
                           ImageCaptionDataset, collate)
-from .models import load_components, load_pipeline
-from .lora import lora_config, add_lora, unet_lora_state_dict
+from .models import load_components, load_pipeline, model_family
+from .lora import lora_config, add_lora, lora_state_dict, unet_lora_state_dict, unet_targets
+from .sdxl import text_encoders, add_text_encoder_lora, conditioning, caption_encoder, vae_dtype
 from .config import TrainConfig, parse_args, public_config
 from .outputs import save_outputs, push_to_hub
 from .diffusion import noisify, target_for, min_snr_weights, diffusion_loss, sample_noise
@@ -35,26 +36,27 @@ from .guards import preflight, StopSignals, TrainingInterrupted, nonfinite, skip
 
 # %% auto #0
 __all__ = ['encode_batch', 'training_loss', 'Run', 'make_optimizer', 'make_datasets', 'cached', 'forget_accelerate_state',
-           'setup', 'apply_update', 'train_step', 'fixed_noise_losses', 'evaluate', 'components_pipeline',
-           'log_validation', 'validate', 'History', 'epoch_batches', 'stop_requested', 'log_step', 'train_loop',
-           'TrainResult', 'final_validation', 'train', 'main']
+           'setup', 'setup_models', 'apply_update', 'train_step', 'fixed_noise_losses', 'evaluate',
+           'components_pipeline', 'log_validation', 'validate', 'History', 'epoch_batches', 'stop_requested',
+           'log_step', 'train_loop', 'TrainResult', 'final_validation', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #d97c0bc0
-@torch.no_grad()
-def encode_batch(batch: dict, # pixel_values and input_ids, or a cached batch (latent_mean, latent_std, text_embeds)
-                 m, # `SDComponents`: the frozen VAE and text encoder
+def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (latent_mean, latent_std, maybe text_embeds)
+                 m, # `SDComponents`: the frozen VAE and text encoder(s)
                  generator: torch.Generator, # draws the latent sample
-                ) -> tuple[torch.Tensor, torch.Tensor]: # scaled latents and text embeddings
-    "Latents sampled from the VAE's distribution, and the captions' embeddings."
+                 encoders: list|None=None, # the text encoders when their LoRA trains; `None`: frozen
+                ) -> tuple[torch.Tensor, torch.Tensor, dict]: # scaled latents, text embeddings, the UNet's extra conditions
+    "Latents sampled from the VAE's distribution, the captions' embeddings, and SDXL's added conditions."
     vae = m.vae
-    if "latent_mean" in batch:
-        mean, std = batch["latent_mean"].to(vae.device, vae.dtype), batch["latent_std"].to(vae.device, vae.dtype)
-        latents = mean + std * torch.randn(mean.shape, generator=generator, device=vae.device, dtype=vae.dtype)
-        text = batch["text_embeds"].to(vae.device, m.text_encoder.dtype)
-    else:
-        latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
-        text = m.text_encoder(batch["input_ids"].to(vae.device), return_dict=False)[0]
-    return latents * vae.config.scaling_factor, text
+    with torch.no_grad():
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(vae.device, vae.dtype), batch["latent_std"].to(vae.device, vae.dtype)
+            latents = mean + std * torch.randn(mean.shape, generator=generator, device=vae.device, dtype=vae.dtype)
+        else:
+            latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
+    latents = (latents * vae.config.scaling_factor).to(m.unet.dtype)  # an fp32 VAE (SDXL) feeds a half UNet
+    text, cond = conditioning(batch, m, encoders, latents.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1))
+    return latents, text, cond
 
 def training_loss(batch: dict, # from `collate` or `collate_cached`
                   m, # `SDComponents`: frozen vae and text encoder, the scheduler
@@ -63,13 +65,14 @@ def training_loss(batch: dict, # from `collate` or `collate_cached`
                   prediction_type: str="epsilon", # the UNet's target
                   snr_gamma: float|None=None, # Min-SNR-gamma weighting, or None
                   noise_offset: float=0.0, # noise offset scale
+                  encoders: list|None=None, # the text encoders when their LoRA trains (possibly wrapped)
                  ) -> torch.Tensor:
     "The diffusion loss of one batch."
-    latents, text = encode_batch(batch, m, generator)
+    latents, text, cond = encode_batch(batch, m, generator, encoders)
     ac = m.noise_scheduler.alphas_cumprod
     noise = sample_noise(latents, noise_offset, generator)
     t = torch.randint(0, len(ac), (latents.shape[0],), device=latents.device, generator=generator)
-    pred = unet(noisify(latents, noise, t, ac), t, text, return_dict=False)[0]
+    pred = unet(noisify(latents, noise, t, ac), t, text, **cond, return_dict=False)[0]
     weights = None if snr_gamma is None else min_snr_weights(t, ac, snr_gamma, prediction_type)
     return diffusion_loss(pred, target_for(prediction_type, latents, noise, t, ac), weights)
 
@@ -94,6 +97,7 @@ class Run:
     global_step: int = 0
     first_epoch: int = 0
     skip_batches: int = 0
+    text_encoders: list = field(default_factory=list) # the prepared text encoders, when their LoRA trains
 
 def make_optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     "AdamW over the LoRA parameters (8-bit from bitsandbytes if asked)."
@@ -129,13 +133,15 @@ def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[ImageCaptionDataset, Ima
 def cached(cfg: TrainConfig, ds: ImageCaptionDataset, m, accelerator: Accelerator):
     "`ds` encoded once (memory or disk cache), or `ds` itself when caching is off or impossible."
     if cfg.cache_latents == "off": return ds
-    folder = None
+    folder, text = None, not cfg.train_text_encoder  # training encoders' outputs change every step: images only
     if cfg.cache_latents == "disk":
-        key = cache_key(str(cfg.pretrained_model_name_or_path), cfg.resolution, cfg.center_crop, cfg.random_flip,
-                        cfg.image_interpolation_mode, data_fingerprint(ds.ds), m.vae.dtype)
+        model = f"{cfg.pretrained_model_name_or_path}|{cfg.pretrained_vae_model_name_or_path}"
+        key = cache_key(model, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.image_interpolation_mode,
+                        data_fingerprint(ds.ds), m.vae.dtype, text)
         folder = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache") / key
     with accelerator.main_process_first():  # one process writes a disk cache, the others then read it
-        cache = build_cache(ds, m.vae, m.text_encoder, m.tokenizer, cfg.train_batch_size, folder)
+        cache = build_cache(ds, m.vae, m.text_encoder if text else None, m.tokenizer, cfg.train_batch_size, folder,
+                            encode_captions=caption_encoder(m) if text else None)
     if cache is None:
         warnings.warn(f"Not caching latents: some images are not square at resolution {cfg.resolution} and "
                       "--center_crop is off, so their random crop changes every epoch. Images are encoded at every "
@@ -165,13 +171,7 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.allow_tf32: torch.backends.cuda.matmul.allow_tf32 = True
     dtype = weight_dtype(accelerator.mixed_precision)
 
-    m = load_components(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.cache_dir)
-    for frozen in (m.vae, m.text_encoder, m.unet): frozen.requires_grad_(False).to(accelerator.device, dtype)
-    params = add_lora(m.unet, lora_config(cfg.rank, cfg.lora_alpha, _init(cfg.init_lora_weights)))
-    for p in params: p.data = p.data.float()
-    if cfg.gradient_checkpointing: m.unet.enable_gradient_checkpointing()
-    if cfg.enable_xformers_memory_efficient_attention: _enable_xformers(m.unet)
-    if cfg.prediction_type: m.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    m, params, te_params = setup_models(cfg, accelerator.device, dtype)
 
     train_ds, eval_ds = make_datasets(cfg, m.tokenizer)
     train_ds = cached(cfg, train_ds, m, accelerator)
@@ -181,20 +181,24 @@ def setup(cfg: TrainConfig) -> Run:
         collate_fn=collate_cached if isinstance(ds, CachedDataset) else collate)
     dl, eval_dl = loader(train_ds, True, batch_size), eval_ds and loader(eval_ds, False, cfg.train_batch_size)
     n = accelerator.num_processes
-    lr = cfg.learning_rate * (cfg.gradient_accumulation_steps * cfg.train_batch_size * n if cfg.scale_lr else 1)
-    optimizer = make_optimizer(params, cfg, lr)
+    scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * n if cfg.scale_lr else 1
+    lr = cfg.learning_rate * scale
+    te_lr = (cfg.learning_rate if cfg.text_encoder_lr is None else cfg.text_encoder_lr) * scale
+    optimizer = make_optimizer([{"params": params}] + ([{"params": te_params, "lr": te_lr}] if te_params else []), cfg, lr)
     steps_per_epoch = math.ceil(math.ceil(len(dl) / n) / accelerator.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     # the prepared scheduler steps once per process each optimizer step, hence the factor n
     sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * n,
                           num_training_steps=max_steps * n)
-    unet, optimizer, dl, sched = accelerator.prepare(m.unet, optimizer, dl, sched)
+    tes = text_encoders(m) if te_params else []
+    unet, *tes, optimizer, dl, sched = accelerator.prepare(m.unet, *tes, optimizer, dl, sched)
     if eval_dl is not None: eval_dl = accelerator.prepare(eval_dl)
     generator = torch.Generator(accelerator.device).manual_seed((cfg.seed or 0) + accelerator.process_index)
-    register_lora_hooks(accelerator, unet)
+    register_lora_hooks(accelerator, unet, tes)
     register_generator_hooks(accelerator, generator)
-    run = Run(cfg, accelerator, m, unet, params, train_ds, dl, eval_dl, optimizer, sched, generator,
-              m.noise_scheduler.config.prediction_type, max_steps, math.ceil(max_steps / steps_per_epoch))
+    run = Run(cfg, accelerator, m, unet, params + te_params, train_ds, dl, eval_dl, optimizer, sched, generator,
+              m.noise_scheduler.config.prediction_type, max_steps, math.ceil(max_steps / steps_per_epoch),
+              text_encoders=tes)
     if cfg.resume_from_checkpoint:
         ckpt = find_checkpoint(out, cfg.resume_from_checkpoint)
         try: accelerator.load_state(str(ckpt))
@@ -207,8 +211,24 @@ def setup(cfg: TrainConfig) -> Run:
         run.skip_batches = done * accelerator.gradient_accumulation_steps
     return run
 
-def _init(v: str):
-    return {"true": True, "false": False}.get(str(v).lower(), v)
+def setup_models(cfg: TrainConfig, device, dtype: torch.dtype) -> tuple[object, list, list]:
+    "The components, frozen in `dtype` (SDXL's own VAE in fp32), with LoRA in fp32: (m, UNet params, text-encoder params)."
+    for flag in ("debug_loss", "enable_npu_flash_attention"):
+        if getattr(cfg, flag): raise ValueError(f"--{flag} is not supported by sd_lora: leave it out (per-image "
+                                                "losses: see eval_loss and --eval_samples)")
+    m = load_components(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.cache_dir,
+                        cfg.pretrained_vae_model_name_or_path)
+    family = model_family(m.unet)
+    for frozen in (m.unet, *text_encoders(m)): frozen.requires_grad_(False).to(device, dtype)
+    m.vae.requires_grad_(False).to(device, vae_dtype(family, dtype, cfg.pretrained_vae_model_name_or_path is not None))
+    kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, init=cfg.init_lora_weights, dropout=cfg.lora_dropout, use_dora=cfg.use_dora)
+    params = add_lora(m.unet, lora_config(target_modules=unet_targets(cfg.target_modules), **kw))
+    te_params = add_text_encoder_lora(m, cfg.gradient_checkpointing, **kw) if cfg.train_text_encoder else []
+    for p in params + te_params: p.data = p.data.float()
+    if cfg.gradient_checkpointing: m.unet.enable_gradient_checkpointing()
+    if cfg.enable_xformers_memory_efficient_attention: _enable_xformers(m.unet)
+    if cfg.prediction_type: m.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    return m, params, te_params
 
 def _enable_xformers(unet):
     from diffusers.utils.import_utils import is_xformers_available
@@ -229,8 +249,9 @@ def train_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor|None, 
     "Forward, backward, and when gradients sync: clip and step. Returns the loss, the pre-clip norm, the skip flag."
     acc, cfg = run.accelerator, run.cfg
     norm = bad = None
-    with acc.accumulate(run.unet):
-        loss = training_loss(batch, run.m, run.unet, run.generator, run.prediction_type, cfg.snr_gamma, cfg.noise_offset)
+    with acc.accumulate(run.unet, *run.text_encoders):
+        loss = training_loss(batch, run.m, run.unet, run.generator, run.prediction_type, cfg.snr_gamma, cfg.noise_offset,
+                             run.text_encoders or None)
         acc.backward(loss)
         if acc.sync_gradients:
             norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
@@ -242,31 +263,40 @@ def train_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor|None, 
 
 # %% ../nbs/05_train.ipynb #b3b674dd
 @torch.no_grad()
-def fixed_noise_losses(batch: dict, m, unet, prediction_type: str="epsilon", seed: int=0) -> torch.Tensor:
+def fixed_noise_losses(batch: dict, m, unet, prediction_type: str="epsilon", seed: int=0,
+                       encoders: list|None=None) -> torch.Tensor:
     "Per-image losses with noise and timestep drawn from each image's index: the same for every run and process count."
     vae, ac = m.vae, m.noise_scheduler.alphas_cumprod
     latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-    text = m.text_encoder(batch["input_ids"].to(vae.device), return_dict=False)[0]
+    latents = latents.to(m.unet.dtype)
+    text, cond = conditioning(batch, m, encoders, batch["pixel_values"].shape[-1])
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in batch["indices"]]
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
     t = torch.stack([torch.randint(0, len(ac), (), generator=g) for g in gens]).to(latents.device)
-    pred = unet(noisify(latents, noise, t, ac), t, text, return_dict=False)[0]
+    pred = unet(noisify(latents, noise, t, ac), t, text, **cond, return_dict=False)[0]
     target = target_for(prediction_type, latents, noise, t, ac)
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
 
 def evaluate(run: Run) -> float:
     "The mean fixed-noise loss over the evaluation images, computed by all processes together."
-    run.unet.eval()
+    models = [run.unet, *run.text_encoders]
+    for model in models: model.eval()
     losses = [run.accelerator.gather_for_metrics(fixed_noise_losses(b, run.m, run.unet, run.prediction_type,
-                                                                    run.cfg.seed or 0)) for b in run.eval_dataloader]
-    run.unet.train()
+                                                                    run.cfg.seed or 0, run.text_encoders or None))
+              for b in run.eval_dataloader]
+    for model in models: model.train()
     return torch.cat(losses).mean().item()
 
-def components_pipeline(m, unet) -> StableDiffusionPipeline:
+def components_pipeline(m, unet) -> StableDiffusionPipeline|StableDiffusionXLPipeline:
     "A pipeline over the components in memory (nothing reloaded)."
-    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=unet,
-                                   scheduler=m.noise_scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if m.text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2,
+                                         tokenizer=m.tokenizer, tokenizer_2=m.tokenizer_2, unet=unet,
+                                         scheduler=m.noise_scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=unet,
+                                       scheduler=m.noise_scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -333,7 +363,7 @@ def train_loop(run: Run) -> History:
     bar = tqdm(total=run.max_train_steps, initial=run.global_step, disable=not acc.is_local_main_process)
     with StopSignals() as stop:
         for epoch in range(run.first_epoch, run.num_train_epochs):
-            run.unet.train()
+            for model in (run.unet, *run.text_encoders): model.train()
             for batch in epoch_batches(run, epoch):
                 loss, norm, bad = train_step(run, batch)
                 step_loss, micro_steps = step_loss + loss, micro_steps + 1  # an epoch's last window may be short
@@ -372,12 +402,14 @@ class TrainResult:
     skipped_steps: int # optimizer steps skipped for NaN or Inf
     global_step: int
     eval_loss: float|None # the final fixed-noise loss (the same on every process)
-    lora: dict # the final LoRA weights (diffusers naming), as this process holds them
+    lora: dict # the final LoRA weights (diffusers naming; text encoders' keys prefixed), as this process holds them
     skipped_examples: int=0 # rows of the data set left out before training (unreadable images, bad captions)
 
 def final_validation(accelerator: Accelerator, cfg: TrainConfig, step: int) -> Path:
     "Validate the saved file: a fresh pipeline, `load_lora_weights`, the validation prompt."
-    pipe = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant).to(accelerator.device)
+    vae = cfg.pretrained_vae_model_name_or_path
+    kw = {"vae": AutoencoderKL.from_pretrained(vae, cache_dir=cfg.cache_dir)} if vae else {}
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, **kw).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(cfg.output_dir)
     return log_validation(accelerator, pipe, cfg, step, name="final")
@@ -397,11 +429,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                                            "data set were skipped before training, as the warning at the start said")
     eval_loss = evaluate(run) if run.eval_dataloader is not None else None
     acc.wait_for_everyone()
-    lora = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(acc.unwrap_model(run.unet)).items()}
+    unet, tes = acc.unwrap_model(run.unet), [acc.unwrap_model(te) for te in run.text_encoders]
+    lora = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(unet).items()}
+    for name, te in zip(("text_encoder", "text_encoder_2"), tes):
+        lora |= {f"{name}.{k}": v.detach().cpu().clone() for k, v in lora_state_dict(te).items()}
     check_finite_weights(lora)
     lora_path = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
     if acc.is_main_process:
-        save_outputs(cfg, acc.unwrap_model(run.unet), num_processes=acc.num_processes,
+        save_outputs(cfg, unet, text_encoders=tes, num_processes=acc.num_processes,
                      mixed_precision=acc.mixed_precision, global_step=run.global_step, skipped_steps=h.skipped_steps)
         if cfg.validation_prompt: final_validation(acc, cfg, run.global_step)
         if cfg.push_to_hub: push_to_hub(cfg)
@@ -410,7 +445,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(Path(cfg.output_dir), lora_path, h.losses, h.lrs, h.grad_norms, h.step_times, h.skipped_steps,
                        run.global_step, eval_loss, lora, run.dataset.skipped)
 
-# %% ../nbs/05_train.ipynb #9f673499
+# %% ../nbs/05_train.ipynb #1395c997
 def main(argv: list[str]|None=None):
     "Command-line entry point: `sd_lora_train`, `python -m sd_lora.train`, `accelerate launch -m sd_lora.train`."
     quiet()
@@ -420,6 +455,6 @@ def main(argv: list[str]|None=None):
         sys.exit(128 + e.signum)
     print(f"Saved {res.lora_path}")
 
-# %% ../nbs/05_train.ipynb #6aee727e
+# %% ../nbs/05_train.ipynb #31714609
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK: main()

@@ -17,6 +17,7 @@ snr_gamma use_8bit_adam allow_tf32 dataloader_num_workers adam_beta1 adam_beta2 
 max_grad_norm push_to_hub hub_token prediction_type hub_model_id logging_dir mixed_precision report_to local_rank
 checkpointing_steps checkpoints_total_limit resume_from_checkpoint enable_xformers_memory_efficient_attention
 noise_offset rank""".split()
+SDXL_FLAGS = """pretrained_vae_model_name_or_path train_text_encoder debug_loss enable_npu_flash_attention""".split()
 
 
 def run(cmd, **kw):
@@ -35,10 +36,11 @@ def documented_flags(model, data, out):
 
 
 def test_every_reference_flag_is_a_config_field_and_a_cli_flag():
+    "The flags of train_text_to_image_lora.py and of train_text_to_image_lora_sdxl.py."
     names = {f.name for f in fields(TrainConfig)}
-    assert set(REFERENCE_FLAGS) <= names
+    assert set(REFERENCE_FLAGS + SDXL_FLAGS) <= names
     help_text = run(["sd_lora_train", "--help"]).stdout
-    for flag in REFERENCE_FLAGS: assert f"--{flag}" in help_text, flag
+    for flag in REFERENCE_FLAGS + SDXL_FLAGS: assert f"--{flag}" in help_text, flag
 
 
 def test_documented_command_trains_checkpoints_validates_and_saves(demo_data, tmp_path):

@@ -40,3 +40,35 @@ def test_missing_model_folder_names_the_path(bad):
 def test_folder_that_is_not_a_pipeline(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_pipeline(str(tmp_path))
+
+
+@pytest.mark.parametrize("name,family,pipeline", [("sd_lora:tiny-sd2", "sd2", "StableDiffusionPipeline"),
+                                                  ("sd_lora:tiny-sdxl", "sdxl", "StableDiffusionXLPipeline")])
+def test_tiny_families_are_saved_folders_loaded_like_real_checkpoints(name, family, pipeline):
+    from sd_lora.models import tiny_sd2_pipeline, tiny_sdxl_pipeline, model_family
+    path = resolve_model(name)
+    m = load_components(path)  # by folder, as a real checkpoint would be: no name-based shortcut
+    assert model_family(m.unet) == family and (m.text_encoder_2 is not None) == (family == "sdxl")
+    built = (tiny_sdxl_pipeline if family == "sdxl" else tiny_sd2_pipeline)()
+    assert torch.equal(m.unet.conv_in.weight, built.unet.conv_in.weight)
+    assert type(load_pipeline(name)).__name__ == pipeline
+    expected = "v_prediction" if family == "sd2" else "epsilon"
+    assert m.noise_scheduler.config.prediction_type == expected
+
+
+def test_another_vae_replaces_the_checkpoints(tmp_path):
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64), latent_channels=4, scaling_factor=0.5,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    vae.save_pretrained(tmp_path)
+    assert load_components("sd_lora:tiny-sdxl", vae_name_or_path=str(tmp_path)).vae.config.scaling_factor == 0.5
+
+
+def test_a_checkpoint_without_a_first_text_encoder_is_refused_with_the_reason(tmp_path):
+    "An SDXL refiner's model_index.json names no text_encoder: say so instead of failing inside transformers."
+    import json, shutil
+    shutil.copytree(resolve_model("sd_lora:tiny-sdxl"), tmp_path / "refiner")
+    index = json.loads((tmp_path / "refiner" / "model_index.json").read_text())
+    (tmp_path / "refiner" / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None]}))
+    with pytest.raises(ValueError, match="no text_encoder"):
+        load_components(str(tmp_path / "refiner"))
