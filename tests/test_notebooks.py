@@ -44,7 +44,9 @@ def test_directives_are_read_like_nbdev():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_a_jupyter_kernel_and_shows_a_picture(path):
+def test_notebook_runs_in_a_jupyter_kernel_and_shows_a_picture(path, monkeypatch):
+    # the kernel inherits our environment: conftest's MPLBACKEND=Agg would keep figures from being shown
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
     nb.cells = [c for c in nb.cells if c.cell_type != "code" or runs_in_tests(c)]
     for cell in nb.cells:
