@@ -263,3 +263,17 @@ def test_maths_typeset_in_the_browser(served, browser_context):
     assert page.locator("article mjx-container").count() >= 3
     page.close()
     assert not info["problems"], info["problems"]
+
+
+def test_every_parameter_of_every_exported_function_has_a_docment():
+    "The site's parameter tables come from docments comments: none may be blank."
+    from fastcore.docments import docments
+    missing = []
+    for nb in NOTEBOOKS:
+        for name in exported_symbols(nb):
+            obj = getattr(importlib.import_module(f"sd_lora.{build_docs.default_exp(json.loads(nb.read_text())['cells'])}"), name)
+            if not inspect.getdoc(obj): missing.append(f"{name}: no docstring")
+            for param, info in docments(obj, full=True).items():
+                if param not in ("self", "return", "args", "kwargs") and not info.get("docment"):
+                    missing.append(f"{nb.stem}: {name}({param})")
+    assert not missing, "\n".join(missing)
