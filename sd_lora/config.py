@@ -84,6 +84,8 @@ class TrainConfig:
     max_bad_steps: int = 5 # (sd_lora) stop after this many steps in a row with NaN or Inf gradients (each is skipped)
     logging_steps: int = 10 # (sd_lora) read the loss back from the device every this many steps
     cpu: bool = False # (sd_lora) train on the CPU even if a GPU is present; needed for multi-process CPU runs
+    aspect_ratio_buckets: bool = False # (sd_lora) keep each image's shape: batches from buckets of about resolution x resolution pixels, not square crops
+    bucket_step: int = 64 # (sd_lora) bucket sides are multiples of this: 64 for SD's UNet, 16 for the tiny models
 
 # %% ../nbs/04b_config.ipynb #75f409f5
 CHOICES = {"mixed_precision": ["no", "fp16", "bf16"], "cache_latents": ["memory", "disk", "off"], "prediction_type": ["epsilon", "v_prediction"],
@@ -97,6 +99,7 @@ def parse_args(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)
     "A `TrainConfig` from command-line flags."
     return TrainConfig(**vars(config_parser(TrainConfig, CHOICES).parse_args(argv)))
 
-def public_config(cfg: TrainConfig) -> dict:
+def public_config(cfg: TrainConfig, # the run's settings
+                 ) -> dict:
     "The run's settings without secrets, for logs and saved files."
     return {k: v for k, v in asdict(cfg).items() if k != "hub_token"}

@@ -16,7 +16,8 @@ __all__ = ['text_encoders', 'caption_ids', 'encode_text', 'add_time_ids', 'unet_
            'caption_encoder']
 
 # %% ../nbs/04f_sdxl.ipynb #e6ec1602
-def text_encoders(m) -> list:
+def text_encoders(m, # `SDComponents`
+                 ) -> list:
     "The text encoders of `SDComponents` `m`: one (SD1.x, SD2.x) or two (SDXL)."
     return [m.text_encoder] + ([m.text_encoder_2] if m.text_encoder_2 is not None else [])
 
@@ -40,16 +41,17 @@ def encode_text(encoders: list, # from `text_encoders` (possibly wrapped by acce
 # %% ../nbs/04f_sdxl.ipynb #f34fc415
 def add_time_ids(original_sizes: list, # per image: (height, width) before resizing
                  crop_top_lefts: list, # per image: (top, left) of the crop in the resized image
-                 resolution: int, # the target size (a square of this side)
+                 resolution: int|tuple[int, int], # the target size: a square's side, or a bucket's (height, width)
                  device: torch.device|str="cpu", # where the UNet is
                 ) -> torch.Tensor: # `(B, 6)`: original size, crop corner, target size
     "SDXL's `time_ids` for a batch."
-    rows = [[*map(int, o), *map(int, c), resolution, resolution] for o, c in zip(original_sizes, crop_top_lefts)]
+    th, tw = (resolution, resolution) if isinstance(resolution, int) else resolution
+    rows = [[*map(int, o), *map(int, c), int(th), int(tw)] for o, c in zip(original_sizes, crop_top_lefts)]
     return torch.tensor(rows, dtype=torch.float32, device=device)
 
 def unet_conditions(pooled: torch.Tensor|None, # the pooled caption embedding, `None` outside SDXL
                     batch: dict, # with `original_sizes` and `crop_top_lefts` (SDXL)
-                    resolution: int, # the training resolution
+                    resolution: int|tuple[int, int], # the training resolution, or the batch's (height, width)
                    ) -> dict: # keyword arguments for the UNet's forward
     "The added conditions an SDXL UNet needs (nothing for SD1.x and SD2.x)."
     if pooled is None: return {}
@@ -87,7 +89,8 @@ def add_text_encoder_lora(m, # `SDComponents`: LoRA goes on each of its text enc
     return params
 
 # %% ../nbs/04f_sdxl.ipynb #9319a0c2
-def enable_checkpointing(text_encoder):
+def enable_checkpointing(text_encoder, # a transformers CLIP text encoder with LoRA
+                        ):
     "Gradient checkpointing on a transformers text encoder, in the form that trains adapters on frozen inputs."
     kw = {"use_reentrant": False}
     if hasattr(text_encoder, "activation_checkpointing_enable"): text_encoder.activation_checkpointing_enable(kw)
@@ -105,7 +108,7 @@ def vae_dtype(family: str, # "sd1", "sd2" or "sdxl"
 def conditioning(batch: dict, # from `collate` or `collate_cached`
                  m, # `SDComponents`
                  encoders: list|None=None, # the text encoders when they train (possibly wrapped); `None`: frozen
-                 resolution: int=512, # the training resolution (SDXL's target size)
+                 resolution: int|tuple[int, int]=512, # SDXL's target size: the resolution, or the batch's (height, width)
                 ) -> tuple[torch.Tensor, dict]: # `encoder_hidden_states`, and extra keyword arguments for the UNet
     "The UNet's caption conditioning for a batch: cached, from frozen encoders, or from training ones."
     device, dtype = m.unet.device, m.text_encoder.dtype

@@ -31,14 +31,15 @@ from .config import TrainConfig, parse_args, public_config
 from .outputs import save_outputs, push_to_hub
 from .diffusion import noisify, target_for, min_snr_weights, diffusion_loss, sample_noise
 from .checkpoints import register_generator_hooks, register_lora_hooks, save_checkpoint, find_checkpoint
+from .buckets import BucketDataset
 from .cache import build_cache, cache_key, data_fingerprint, CachedDataset, collate_cached
 from .guards import preflight, StopSignals, TrainingInterrupted, nonfinite, skipping_step, check_finite_weights, NONFINITE_ADVICE
 
 # %% auto #0
-__all__ = ['encode_batch', 'training_loss', 'Run', 'make_optimizer', 'make_datasets', 'cached', 'forget_accelerate_state',
-           'setup', 'setup_models', 'apply_update', 'train_step', 'fixed_noise_losses', 'evaluate',
-           'components_pipeline', 'log_validation', 'validate', 'History', 'epoch_batches', 'stop_requested',
-           'log_step', 'train_loop', 'TrainResult', 'final_validation', 'train', 'main']
+__all__ = ['encode_batch', 'training_loss', 'Run', 'make_optimizer', 'make_datasets', 'cached', 'data_loader',
+           'forget_accelerate_state', 'setup', 'setup_models', 'apply_update', 'train_step', 'fixed_noise_losses',
+           'evaluate', 'components_pipeline', 'log_validation', 'validate', 'History', 'epoch_batches',
+           'stop_requested', 'log_step', 'train_loop', 'TrainResult', 'final_validation', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #d97c0bc0
 def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (latent_mean, latent_std, maybe text_embeds)
@@ -55,7 +56,7 @@ def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (la
         else:
             latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
     latents = (latents * vae.config.scaling_factor).to(m.unet.dtype)  # an fp32 VAE (SDXL) feeds a half UNet
-    text, cond = conditioning(batch, m, encoders, latents.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1))
+    text, cond = conditioning(batch, m, encoders, tuple(s * 2 ** (len(vae.config.block_out_channels) - 1) for s in latents.shape[-2:]))
     return latents, text, cond
 
 def training_loss(batch: dict, # from `collate` or `collate_cached`
@@ -80,26 +81,29 @@ def training_loss(batch: dict, # from `collate` or `collate_cached`
 @dataclass
 class Run:
     "What the loop needs, made by `setup`."
-    cfg: TrainConfig
-    accelerator: Accelerator
+    cfg: TrainConfig # the run's settings
+    accelerator: Accelerator # made inside `setup`, never at import
     m: object # `SDComponents`
     unet: torch.nn.Module # the prepared UNet
     params: list # the trainable LoRA parameters
-    dataset: ImageCaptionDataset
-    dataloader: object
-    eval_dataloader: object|None
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    generator: torch.Generator
-    prediction_type: str
-    max_train_steps: int
-    num_train_epochs: int
-    global_step: int = 0
-    first_epoch: int = 0
-    skip_batches: int = 0
+    dataset: ImageCaptionDataset # the training set (maybe a `CachedDataset` or `BucketDataset`)
+    dataloader: object # the prepared training loader (sharded across processes)
+    eval_dataloader: object|None # the prepared loader of the fixed evaluation images
+    optimizer: torch.optim.Optimizer # the prepared AdamW
+    lr_scheduler: object # the prepared learning-rate schedule
+    generator: torch.Generator # this process's source of noise and timesteps, saved in checkpoints
+    prediction_type: str # "epsilon" or "v_prediction", from the scheduler unless the config overrides it
+    max_train_steps: int # optimizer steps in the whole run
+    num_train_epochs: int # epochs those steps span
+    global_step: int = 0 # optimizer steps done (after a resume: the checkpoint's)
+    first_epoch: int = 0 # the epoch a resumed run starts in
+    skip_batches: int = 0 # batches of `first_epoch` a resumed run already trained on
     text_encoders: list = field(default_factory=list) # the prepared text encoders, when their LoRA trains
 
-def make_optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(params: list, # the trainable parameters, or parameter groups with their own `lr`
+                   cfg: TrainConfig, # the run's settings (Adam's betas, epsilon, weight decay, 8-bit)
+                   lr: float, # the learning rate, already scaled if `scale_lr`
+                  ) -> torch.optim.Optimizer:
     "AdamW over the LoRA parameters (8-bit from bitsandbytes if asked)."
     opt_cls = torch.optim.AdamW
     if cfg.use_8bit_adam:
@@ -110,8 +114,10 @@ def make_optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Opt
     return opt_cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                    eps=cfg.adam_epsilon, **fused)
 
-def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[ImageCaptionDataset, ImageCaptionDataset|None]:
-    "The training set and a small fixed evaluation set (centre crops, no flips) from the same images."
+def make_datasets(cfg: TrainConfig, # the run's settings
+                  tokenizer, # the (first) text encoder's tokenizer, for the long-caption check and the items' ids
+                 ) -> tuple[ImageCaptionDataset, ImageCaptionDataset|None]:
+    "The training set (square crops, or aspect-ratio buckets) and a small fixed evaluation set (centre crops, no flips)."
     ds = load_image_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.dataset_config_name, cfg.cache_dir)
     check_columns(ds, cfg.image_column, cfg.caption_column)
     if len(ds) == 0: raise ValueError(f"the data set {cfg.dataset_name or cfg.train_data_dir!r} has no examples")
@@ -125,14 +131,24 @@ def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[ImageCaptionDataset, Ima
     kw = dict(interpolation=cfg.image_interpolation_mode, image_column=cfg.image_column,
               caption_column=cfg.caption_column, seed=cfg.seed or 0)
     warn_long_captions(list(ds[cfg.caption_column]), tokenizer)
-    train_ds = ImageCaptionDataset(ds, tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, skipped=n_rows - len(ds), **kw)
+    crop = dict(center_crop=cfg.center_crop, random_flip=cfg.random_flip, skipped=n_rows - len(ds), **kw)
+    if cfg.aspect_ratio_buckets: train_ds = BucketDataset(ds, tokenizer, cfg.resolution, cfg.bucket_step, **crop)
+    else: train_ds = ImageCaptionDataset(ds, tokenizer, cfg.resolution, **crop)
     n_eval = min(cfg.eval_samples, len(ds))
     eval_ds = ImageCaptionDataset(ds.select(range(n_eval)), tokenizer, cfg.resolution, True, False, **kw) if n_eval else None
     return train_ds, eval_ds
 
-def cached(cfg: TrainConfig, ds: ImageCaptionDataset, m, accelerator: Accelerator):
+def cached(cfg: TrainConfig, # the run's settings
+           ds: ImageCaptionDataset, # the training set
+           m, # `SDComponents`, with the frozen encoders on their device
+           accelerator: Accelerator, # the run's accelerator (one process writes a disk cache)
+          ):
     "`ds` encoded once (memory or disk cache), or `ds` itself when caching is off or impossible."
     if cfg.cache_latents == "off": return ds
+    if isinstance(ds, BucketDataset):
+        warnings.warn("Not caching latents: the cache holds one square size, and --aspect_ratio_buckets makes several. "
+                      "Images are encoded at every step (pass --cache_latents off to silence this).")
+        return ds
     folder, text = None, not cfg.train_text_encoder  # training encoders' outputs change every step: images only
     if cfg.cache_latents == "disk":
         model = f"{cfg.pretrained_model_name_or_path}|{cfg.pretrained_vae_model_name_or_path}"
@@ -149,6 +165,17 @@ def cached(cfg: TrainConfig, ds: ImageCaptionDataset, m, accelerator: Accelerato
         return ds
     return CachedDataset(ds, cache)
 
+def data_loader(ds, # an `ImageCaptionDataset`, `BucketDataset` or `CachedDataset`
+                batch_size: int, # items per batch
+                shuffle: bool, # shuffle every epoch
+                cfg: TrainConfig, # the run's settings (workers)
+               ) -> torch.utils.data.DataLoader:
+    "Batches of `ds`; for buckets, each batch from one bucket."
+    kw = dict(num_workers=cfg.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+              collate_fn=collate_cached if isinstance(ds, CachedDataset) else collate)
+    if isinstance(ds, BucketDataset): return torch.utils.data.DataLoader(ds, batch_sampler=ds.batch_sampler(batch_size, shuffle), **kw)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **kw)
+
 def forget_accelerate_state():
     "Clear accelerate's process-wide settings left by an earlier run in this process, if no run is active."
     # accelerate keeps its state (device, precision) for the life of the process, and refuses other settings
@@ -156,7 +183,8 @@ def forget_accelerate_state():
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         AcceleratorState._reset_state(reset_partial_state=True)
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, # the run's settings
+         ) -> Run:
     "Build the accelerator, models, data, optimizer and schedule of a run, and resume if asked."
     out = Path(cfg.output_dir)
     forget_accelerate_state()
@@ -176,10 +204,7 @@ def setup(cfg: TrainConfig) -> Run:
     train_ds, eval_ds = make_datasets(cfg, m.tokenizer)
     train_ds = cached(cfg, train_ds, m, accelerator)
     batch_size = cfg.train_batch_size * (cfg.gradient_accumulation_steps if cfg.merge_accumulation else 1)
-    loader = lambda ds, shuffle, bs: torch.utils.data.DataLoader(
-        ds, batch_size=bs, shuffle=shuffle, num_workers=cfg.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
-        collate_fn=collate_cached if isinstance(ds, CachedDataset) else collate)
-    dl, eval_dl = loader(train_ds, True, batch_size), eval_ds and loader(eval_ds, False, cfg.train_batch_size)
+    dl, eval_dl = data_loader(train_ds, batch_size, True, cfg), eval_ds and data_loader(eval_ds, cfg.train_batch_size, False, cfg)
     n = accelerator.num_processes
     scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * n if cfg.scale_lr else 1
     lr = cfg.learning_rate * scale
@@ -211,7 +236,10 @@ def setup(cfg: TrainConfig) -> Run:
         run.skip_batches = done * accelerator.gradient_accumulation_steps
     return run
 
-def setup_models(cfg: TrainConfig, device, dtype: torch.dtype) -> tuple[object, list, list]:
+def setup_models(cfg: TrainConfig, # the run's settings
+                 device, # where to put the models
+                 dtype: torch.dtype, # the frozen weights' dtype (fp16/bf16 under mixed precision)
+                ) -> tuple[object, list, list]:
     "The components, frozen in `dtype` (SDXL's own VAE in fp32), with LoRA in fp32: (m, UNet params, text-encoder params)."
     for flag in ("debug_loss", "enable_npu_flash_attention"):
         if getattr(cfg, flag): raise ValueError(f"--{flag} is not supported by sd_lora: leave it out (per-image "
@@ -238,14 +266,18 @@ def _enable_xformers(unet):
     unet.enable_xformers_memory_efficient_attention()
 
 # %% ../nbs/05_train.ipynb #605e4526
-def apply_update(run: Run, bad: torch.Tensor):
+def apply_update(run: Run, # the run
+                 bad: torch.Tensor, # a device flag from `nonfinite`: skip this step
+                ):
     "The optimizer step, skipped when `bad` (a device flag) is set."
     inner = run.optimizer.optimizer
     if run.optimizer.scaler is None and inner.defaults.get("fused"): return skipping_step(inner, bad)
     # fp16's gradient scaler skips non-finite steps itself; any other optimizer needs the flag on the host
     if run.optimizer.scaler is not None or not bad.item(): run.optimizer.step()
 
-def train_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor|None, torch.Tensor|None]:
+def train_step(run: Run, # the run
+               batch: dict, # a micro-batch from the loader
+              ) -> tuple[torch.Tensor, torch.Tensor|None, torch.Tensor|None]:
     "Forward, backward, and when gradients sync: clip and step. Returns the loss, the pre-clip norm, the skip flag."
     acc, cfg = run.accelerator, run.cfg
     norm = bad = None
@@ -263,13 +295,18 @@ def train_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor|None, 
 
 # %% ../nbs/05_train.ipynb #b3b674dd
 @torch.no_grad()
-def fixed_noise_losses(batch: dict, m, unet, prediction_type: str="epsilon", seed: int=0,
-                       encoders: list|None=None) -> torch.Tensor:
+def fixed_noise_losses(batch: dict, # evaluation images (with their `indices`)
+                       m, # `SDComponents`
+                       unet, # the UNet to evaluate, with its LoRA
+                       prediction_type: str="epsilon", # what the UNet predicts
+                       seed: int=0, # with each image's index, seeds its noise and timestep
+                       encoders: list|None=None, # the text encoders when their LoRA trains; `None`: frozen ones
+                      ) -> torch.Tensor:
     "Per-image losses with noise and timestep drawn from each image's index: the same for every run and process count."
     vae, ac = m.vae, m.noise_scheduler.alphas_cumprod
     latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
     latents = latents.to(m.unet.dtype)
-    text, cond = conditioning(batch, m, encoders, batch["pixel_values"].shape[-1])
+    text, cond = conditioning(batch, m, encoders, tuple(batch["pixel_values"].shape[-2:]))
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in batch["indices"]]
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
     t = torch.stack([torch.randint(0, len(ac), (), generator=g) for g in gens]).to(latents.device)
@@ -277,7 +314,8 @@ def fixed_noise_losses(batch: dict, m, unet, prediction_type: str="epsilon", see
     target = target_for(prediction_type, latents, noise, t, ac)
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
 
-def evaluate(run: Run) -> float:
+def evaluate(run: Run, # the run, with its evaluation loader
+            ) -> float:
     "The mean fixed-noise loss over the evaluation images, computed by all processes together."
     models = [run.unet, *run.text_encoders]
     for model in models: model.eval()
@@ -287,7 +325,9 @@ def evaluate(run: Run) -> float:
     for model in models: model.train()
     return torch.cat(losses).mean().item()
 
-def components_pipeline(m, unet) -> StableDiffusionPipeline|StableDiffusionXLPipeline:
+def components_pipeline(m, # `SDComponents`
+                        unet, # the UNet to sample with (the training one, unwrapped)
+                       ) -> StableDiffusionPipeline|StableDiffusionXLPipeline:
     "A pipeline over the components in memory (nothing reloaded)."
     if m.text_encoder_2 is not None:
         pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2,
@@ -301,7 +341,12 @@ def components_pipeline(m, unet) -> StableDiffusionPipeline|StableDiffusionXLPip
     return pipe
 
 @torch.no_grad()
-def log_validation(accelerator: Accelerator, pipe, cfg: TrainConfig, step: int, name: str|None=None) -> Path:
+def log_validation(accelerator: Accelerator, # the run's accelerator (its trackers get the images)
+                   pipe, # a pipeline to sample with
+                   cfg: TrainConfig, # the run's settings (prompt, image count, resolution, seed, output folder)
+                   step: int, # the optimizer step, for the file name and the log
+                   name: str|None=None, # the file's name instead of `step-NNNNNN`
+                  ) -> Path:
     "Sample the validation prompt with a fixed seed; save a grid PNG and log the images to TensorBoard."
     g = torch.Generator(pipe.device).manual_seed(cfg.seed or 0)
     images = pipe([cfg.validation_prompt] * cfg.num_validation_images, num_inference_steps=30, generator=g,
@@ -315,7 +360,8 @@ def log_validation(accelerator: Accelerator, pipe, cfg: TrainConfig, step: int, 
                                       dataformats="NHWC")
     return path
 
-def validate(run: Run):
+def validate(run: Run, # the run
+            ):
     "Log the fixed-noise loss (all processes) and validation images (main process)."
     acc = run.accelerator
     if run.eval_dataloader is not None: acc.log({"eval_loss": evaluate(run)}, step=run.global_step)
@@ -332,21 +378,30 @@ class History:
     step_times: list # `time.perf_counter()` after each step was queued (no device sync: for benchmarks)
     skipped_steps: int # optimizer steps skipped for NaN or Inf
 
-def epoch_batches(run: Run, epoch: int):
+def epoch_batches(run: Run, # the run
+                  epoch: int, # the epoch about to start
+                 ):
     "The batches of `epoch`, skipping those a resumed run has already trained on."
     run.dataset.set_epoch(epoch)
     dl = run.accelerator.skip_first_batches(run.dataloader, run.skip_batches) if epoch == run.first_epoch else run.dataloader
     dl.set_epoch(epoch)
     return dl
 
-def stop_requested(run: Run, stop: StopSignals) -> bool:
+def stop_requested(run: Run, # the run
+                   stop: StopSignals, # set by SIGINT/SIGTERM on this process
+                  ) -> bool:
     "Whether a signal asked to stop; with several processes, agreed by all at logging steps."
     acc = run.accelerator
     if acc.num_processes == 1: return stop.signum is not None
     if run.global_step % run.cfg.logging_steps: return False
     return acc.reduce(torch.tensor(float(stop.signum or 0), device=acc.device), "max").item() > 0
 
-def log_step(run: Run, h: History, bar, streak: torch.Tensor, skipped: torch.Tensor):
+def log_step(run: Run, # the run
+             h: History, # the records so far
+             bar, # the tqdm progress bar
+             streak: torch.Tensor, # non-finite steps in a row (on the device)
+             skipped: torch.Tensor, # non-finite steps in all (on the device)
+            ):
     "Read the loss back from the device, show and log it; stop on a run of non-finite steps."
     acc = run.accelerator
     logs = {"train_loss": acc.reduce(h.losses[-1], "mean").item(), "lr": h.lrs[-1], "grad_norm": h.grad_norms[-1].item(),
@@ -355,7 +410,8 @@ def log_step(run: Run, h: History, bar, streak: torch.Tensor, skipped: torch.Ten
     acc.log(logs, step=run.global_step)
     if streak.item() >= run.cfg.max_bad_steps: raise FloatingPointError(NONFINITE_ADVICE.format(n=int(streak.item())))
 
-def train_loop(run: Run) -> History:
+def train_loop(run: Run, # made by `setup`
+              ) -> History:
     "Run the optimizer steps of `run`, with logging, checkpoints, validation and a clean stop on SIGINT/SIGTERM."
     cfg, acc = run.cfg, run.accelerator
     h, step_loss, micro_steps = History([], [], [], [], 0), 0.0, 0
@@ -393,19 +449,22 @@ def train_loop(run: Run) -> History:
 @dataclass
 class TrainResult:
     "What a finished run returns."
-    output_dir: Path
-    lora_path: Path
+    output_dir: Path # the run's folder
+    lora_path: Path # its `pytorch_lora_weights.safetensors`
     losses: list # the loss of each optimizer step
     lrs: list # the learning rate of each optimizer step
     grad_norms: list # the LoRA gradients' norm before clipping, each optimizer step
     step_times: list # when each optimizer step was queued (`time.perf_counter()`)
     skipped_steps: int # optimizer steps skipped for NaN or Inf
-    global_step: int
+    global_step: int # optimizer steps done
     eval_loss: float|None # the final fixed-noise loss (the same on every process)
     lora: dict # the final LoRA weights (diffusers naming; text encoders' keys prefixed), as this process holds them
     skipped_examples: int=0 # rows of the data set left out before training (unreadable images, bad captions)
 
-def final_validation(accelerator: Accelerator, cfg: TrainConfig, step: int) -> Path:
+def final_validation(accelerator: Accelerator, # the run's accelerator
+                     cfg: TrainConfig, # the run's settings
+                     step: int, # the last optimizer step, for the log
+                    ) -> Path:
     "Validate the saved file: a fresh pipeline, `load_lora_weights`, the validation prompt."
     vae = cfg.pretrained_vae_model_name_or_path
     kw = {"vae": AutoencoderKL.from_pretrained(vae, cache_dir=cfg.cache_dir)} if vae else {}
@@ -414,7 +473,8 @@ def final_validation(accelerator: Accelerator, cfg: TrainConfig, step: int) -> P
     pipe.load_lora_weights(cfg.output_dir)
     return log_validation(accelerator, pipe, cfg, step, name="final")
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, # the run's settings; `parse_args` makes one from command-line flags
+         ) -> TrainResult:
     "Train a UNet LoRA as `train_text_to_image_lora.py` does, and save `pytorch_lora_weights.safetensors`."
     run = setup(cfg)
     acc = run.accelerator
@@ -446,7 +506,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                        run.global_step, eval_loss, lora, run.dataset.skipped)
 
 # %% ../nbs/05_train.ipynb #1395c997
-def main(argv: list[str]|None=None):
+def main(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)
+        ):
     "Command-line entry point: `sd_lora_train`, `python -m sd_lora.train`, `accelerate launch -m sd_lora.train`."
     quiet()
     try: res = train(parse_args(argv))

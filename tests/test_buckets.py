@@ -35,3 +35,37 @@ def test_sharded_bucket_batches_stay_in_one_bucket_and_cover_every_item():
         assert len({bucket_of[i] for i in batch}) == 1
         seen |= set(batch)
     assert seen == set(range(23))
+
+
+def _shapes_seen(monkeypatch):
+    "Record the image shapes of every training batch `training_loss` sees."
+    import sd_lora.train as T
+    seen, original = [], T.training_loss
+    def spy(batch, *a, **kw):
+        seen.append(tuple(batch["pixel_values"].shape[-2:]))
+        return original(batch, *a, **kw)
+    monkeypatch.setattr(T, "training_loss", spy)
+    return seen
+
+
+@pytest.mark.parametrize("model", ["sd_lora:tiny-sd", "sd_lora:tiny-sdxl"])
+def test_bucketed_training_keeps_aspect_ratios(demo_data, tmp_path, monkeypatch, model):
+    from sd_lora.train import train
+    from helpers import tiny_config
+    seen = _shapes_seen(monkeypatch)
+    with pytest.warns(UserWarning, match="Not caching latents: .*aspect_ratio_buckets"):
+        res = train(tiny_config(demo_data, tmp_path, pretrained_model_name_or_path=model, aspect_ratio_buckets=True,
+                                bucket_step=16, center_crop=False, max_train_steps=6))
+    assert res.lora_path.exists() and len(seen) == 6
+    assert any(h != w for h, w in seen)  # the demo photos are mostly 3:2 and 2:3: not squares
+    assert set(seen) <= {(h, w) for w, h in make_buckets(64, 16)}
+
+
+def test_bucketed_training_on_two_processes(demo_data, tmp_path):
+    import torch
+    from sd_lora.launch import launch_train
+    from helpers import tiny_config
+    cfg = tiny_config(demo_data, tmp_path, aspect_ratio_buckets=True, bucket_step=16, cpu=True, max_train_steps=4,
+                      cache_latents="off")
+    launch_train(cfg, num_processes=2, use_port="29587")
+    assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
