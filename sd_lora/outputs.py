@@ -49,7 +49,7 @@ def save_outputs(cfg: TrainConfig, # the run's settings; files go to `cfg.output
     (out / "train_config.json").write_text(json.dumps({**public_config(cfg), **facts}, indent=2))
     return path
 
-# %% ../nbs/04c_outputs.ipynb #6fad515a
+# %% ../nbs/04c_outputs.ipynb #71a52ebd
 def hub_files(output_dir: str|Path) -> list[str]:
     "The files `push_to_hub` uploads: everything in the output folder but checkpoints."
     root = Path(output_dir)
