@@ -29,7 +29,8 @@ def make_buckets(resolution: int=512, # the side of the square whose area every 
         if h >= step and w / h <= max_ratio: sizes |= {(w, h), (h, w)}  # ...and each turned upright
     return sorted(sizes, key=lambda s: s[0] / s[1])
 
-def nearest_bucket(width: int, height: int, # the image's size
+def nearest_bucket(width: int, # the image's width in pixels
+                   height: int, # the image's height in pixels
                    buckets: list[tuple[int, int]], # from `make_buckets`
                   ) -> tuple[int, int]:
     "The bucket whose aspect ratio is nearest the image's (compared on a log scale, so 2:1 and 1:2 are equally far from 1:1)."

@@ -33,7 +33,10 @@ def fixed_crop(img, # a PIL image
 
 # %% ../nbs/04d_cache.ipynb #901446fb
 def cache_key(model: str, # the model's name or folder
-              resolution: int, center_crop: bool, random_flip: bool, interpolation: str, # the transforms
+              resolution: int, # side of the square training images, in pixels
+              center_crop: bool, # crop the centre (else a random position)
+              random_flip: bool, # whether mirror images are cached too
+              interpolation: str, # the resampling filter's name
               data_fingerprint: str, # identifies the images and captions
               dtype: torch.dtype, # the VAE's dtype
               text: bool=True, # whether caption embeddings are cached too
@@ -42,7 +45,8 @@ def cache_key(model: str, # the model's name or folder
     parts = [model, resolution, center_crop, random_flip, interpolation, data_fingerprint, str(dtype), text, "v2"]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
-def data_fingerprint(ds) -> str:
+def data_fingerprint(ds, # a `datasets.Dataset`, or a plain sequence of rows (dicts)
+                    ) -> str:
     "A `datasets.Dataset`'s fingerprint, or a hash of a plain sequence's captions."
     fp = getattr(ds, "_fingerprint", None)
     return fp or hashlib.sha1(json.dumps([str(r) for r in ds], default=str).encode()).hexdigest()
@@ -98,7 +102,9 @@ def _encode_with(text_encoder, tokenizer):
 
 @torch.no_grad()
 def build_cache(ds: ImageCaptionDataset, # the training set whose items to encode
-                vae, text_encoder, tokenizer, # the frozen encoders, on their device and dtype; `text_encoder=None`: images only
+                vae, # the frozen VAE, on its device and dtype
+                text_encoder, # the frozen text encoder, on its device and dtype; `None`: images only
+                tokenizer, # turns captions into token ids for `text_encoder`
                 batch_size: int=8, # images encoded at once
                 folder: str|Path|None=None, # write shards here (disk cache); `None` keeps them in memory
                 shard_size: int=512, # items per shard
@@ -157,7 +163,9 @@ def _load_disk_cache(folder: Path, captions: list, flips: bool) -> LatentCache:
 # %% ../nbs/04d_cache.ipynb #f30bbaea
 class CachedDataset(torch.utils.data.Dataset):
     "Training items (`latent_mean`, `latent_std`, `text_embeds`) from a `LatentCache`, with the base set's choices."
-    def __init__(self, base: ImageCaptionDataset, cache: LatentCache): self.base, self.cache = base, cache
+    def __init__(self, base: ImageCaptionDataset, # the set the cache was built from; its per-item generators choose flips and captions
+                 cache: LatentCache, # from `build_cache(base, ...)`
+                ): self.base, self.cache = base, cache
     def set_epoch(self, epoch: int): self.base.set_epoch(epoch)
     @property
     def skipped(self) -> int: return self.base.skipped
@@ -176,7 +184,8 @@ class CachedDataset(torch.utils.data.Dataset):
             item |= {"original_size": (h, w), "crop_top_left": (top, left)}
         return item
 
-def collate_cached(items: list[dict]) -> dict:
+def collate_cached(items: list[dict], # `CachedDataset` items
+                  ) -> dict:
     "Stack cached items into a batch."
     tensors = [k for k in ("latent_mean", "latent_std", "text_embeds", "pooled_text_embeds") if k in items[0]]
     batch = {k: torch.stack([it[k] for it in items]) for k in tensors} | {

@@ -31,7 +31,8 @@ def load_lora_into(unet, # a UNet (or text encoder) with a LoRA adapter named "d
     if getattr(res, "unexpected_keys", None):
         raise ValueError(f"{folder}: LoRA keys that this {prefix} lacks, e.g. {res.unexpected_keys[:3]}")
 
-def register_lora_hooks(accelerator: Accelerator, unet,
+def register_lora_hooks(accelerator: Accelerator, # the run's accelerator, whose save_state/load_state get the hooks
+                        unet, # the UNet whose LoRA trains (wrapped or not)
                         text_encoders: list=(), # the text encoders whose LoRA trains, if any
                        ):
     "Make `save_state`/`load_state` write and read only the LoRA weights."
@@ -64,7 +65,8 @@ def register_generator_hooks(accelerator: Accelerator, # the run's accelerator
     accelerator.register_load_state_pre_hook(load_hook)
 
 # %% ../nbs/04a_checkpoints.ipynb #f7d26ff5
-def checkpoints(output_dir: str|Path) -> list[Path]:
+def checkpoints(output_dir: str|Path, # the run's output folder
+               ) -> list[Path]:
     "Complete checkpoints in `output_dir`, oldest first."
     ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))

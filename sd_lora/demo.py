@@ -64,7 +64,8 @@ def demo(output_dir: str|Path, # where the LoRA, samples.png and loss.png go
     return res
 
 # %% ../nbs/08_demo.ipynb #a16cc40d
-def demo_cli(argv: list[str]|None=None):
+def demo_cli(argv: list[str]|None=None, # the command-line arguments; `None`: `sys.argv[1:]`
+            ):
     "Command-line entry point `sd_lora_demo`."
     p = argparse.ArgumentParser(description="Train a LoRA on the embedded tiny model and demo photos (or your own) "
                                             "and save it with before/after samples and the loss curve.")

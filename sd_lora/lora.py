@@ -74,15 +74,18 @@ def unet_targets(spec: str|list[str]="attention", # a `TARGET_PRESETS` key, a co
     return names
 
 # %% ../nbs/03_lora.ipynb #91ae0502
-def lora_state_dict(model) -> dict[str, torch.Tensor]:
+def lora_state_dict(model, # a UNet or text encoder carrying a LoRA adapter named "default"
+                   ) -> dict[str, torch.Tensor]:
     "A UNet's or text encoder's LoRA weights in diffusers' naming."
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
 
-def unet_lora_state_dict(unet) -> dict[str, torch.Tensor]:
+def unet_lora_state_dict(unet, # a UNet carrying a LoRA adapter named "default"
+                        ) -> dict[str, torch.Tensor]:
     "The UNet's LoRA weights in diffusers' naming (`lora_state_dict` of the UNet)."
     return lora_state_dict(unet)
 
-def adapter_metadata(model) -> dict:
+def adapter_metadata(model, # a UNet or text encoder carrying a LoRA adapter named "default"
+                    ) -> dict:
     "The adapter's peft config for the saved file, without training-only dropout."
     # diffusers injects the adapter into a model already in eval mode, and the new dropout layers start in train
     # mode: a loaded LoRA with lora_dropout > 0 would drop at inference. Dropout means nothing after training.

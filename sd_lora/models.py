@@ -153,11 +153,11 @@ def resolve_model(name_or_path: str|None, # `TINY_SD`, `TINY_SD2`, `TINY_SDXL`, 
 @dataclass
 class SDComponents:
     "The parts of a Stable Diffusion checkpoint that training uses."
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler
+    tokenizer: CLIPTokenizer # turns captions into token ids for `text_encoder`
+    text_encoder: CLIPTextModel # (first) CLIP text encoder: token ids to the embeddings the UNet attends to
+    vae: AutoencoderKL # encodes images to latents and decodes latents back to images
+    unet: UNet2DConditionModel # predicts the noise (or velocity) in a noisy latent; LoRA goes here
+    noise_scheduler: DDPMScheduler # the training noise schedule: adds noise at timestep t, sets the prediction type
     tokenizer_2: CLIPTokenizer|None = None # SDXL's second tokenizer
     text_encoder_2: CLIPTextModelWithProjection|None = None # SDXL's second text encoder (with a projection)
 

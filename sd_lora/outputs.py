@@ -16,7 +16,7 @@ __all__ = ['KOHYA_FILE', 'model_card', 'save_outputs', 'hub_files', 'push_to_hub
 # %% ../nbs/04c_outputs.ipynb #6eda5eb9
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
-def model_card(cfg: TrainConfig,
+def model_card(cfg: TrainConfig, # the run's settings the card reports: base model, data, rank, alpha, resolution, learning rate
                pipeline: str="StableDiffusionPipeline", # the diffusers pipeline class of the base model
                kohya: bool=True, # whether the folder holds a kohya file
               ) -> str:
@@ -50,13 +50,15 @@ def save_outputs(cfg: TrainConfig, # the run's settings; files go to `cfg.output
     return path
 
 # %% ../nbs/04c_outputs.ipynb #71a52ebd
-def hub_files(output_dir: str|Path) -> list[str]:
+def hub_files(output_dir: str|Path, # the run's output folder
+             ) -> list[str]:
     "The files `push_to_hub` uploads: everything in the output folder but checkpoints."
     root = Path(output_dir)
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")
                   if p.is_file() and not p.relative_to(root).parts[0].startswith(("checkpoint-", ".tmp-checkpoint-")))
 
-def push_to_hub(cfg: TrainConfig):
+def push_to_hub(cfg: TrainConfig, # uses `output_dir`, `hub_model_id` and `hub_token`
+               ):
     "Upload the files of `hub_files` to the Hub repository `hub_model_id` (default: the output folder's name)."
     from huggingface_hub import create_repo, create_commit, CommitOperationAdd
     repo_id = create_repo(cfg.hub_model_id or Path(cfg.output_dir).name, exist_ok=True, token=cfg.hub_token).repo_id

@@ -212,7 +212,7 @@ def docments_table(obj) -> str:
     from fastcore.docments import docments
 
     try:
-        params = docments(obj, full=True)
+        params = docments(obj, full=True, args_kwargs=True)  # args_kwargs: read `**kw` comments too
     except (TypeError, ValueError):
         return ""
     params.pop("self", None)
