@@ -30,7 +30,16 @@ CONFIGS = {
     "documented": dict(train_batch_size=1, gradient_accumulation_steps=4),
     "documented-merged": dict(train_batch_size=1, gradient_accumulation_steps=4, merge_accumulation=True),
     "b8": dict(train_batch_size=8), "b16": dict(train_batch_size=16), "b32": dict(train_batch_size=32),
+    # memory options, each against plain b8
+    "b8-checkpointing": dict(train_batch_size=8, gradient_checkpointing=True),
+    "b8-8bit-adam": dict(train_batch_size=8, use_8bit_adam=True),
+    # compiled transformer blocks (inductor generates code: minutes on a CPU, so GPU only by default)
+    "documented-compiled": dict(train_batch_size=1, gradient_accumulation_steps=4, merge_accumulation=True,
+                                dynamo_backend="inductor"),
+    "b8-compiled": dict(train_batch_size=8, dynamo_backend="inductor"),
+    "b32-compiled": dict(train_batch_size=32, dynamo_backend="inductor"),
 }
+GPU_ONLY = {"b8-8bit-adam", "documented-compiled", "b8-compiled", "b32-compiled"}  # bitsandbytes needs CUDA
 
 
 def sd15_folder(root: Path) -> str:
@@ -105,7 +114,8 @@ def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: fl
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="the tiny model at 64 px (CPU smoke test)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
+    p.add_argument("--configs", default=None, help=f"comma-separated, from {list(CONFIGS)}; default: all "
+                   f"(on a CPU all but {sorted(GPU_ONLY)})")
     p.add_argument("--steps", type=int, default=40, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=10, help="untimed optimizer steps first")
     p.add_argument("--images", type=int, default=192, help="images in the synthetic data set")
@@ -122,7 +132,8 @@ def main(argv=None):
     data = synthetic_images(work, args.images, res)
     peak = (args.peak_tflops or (790 if cuda else 0)) * 1e12 or None
     rows = []
-    for name in args.configs.split(","):
+    names = args.configs.split(",") if args.configs else [n for n in CONFIGS if cuda or n not in GPU_ONLY]
+    for name in names:
         cfg = TrainConfig(pretrained_model_name_or_path=model, train_data_dir=data, output_dir=str(work / "out" / name),
                           resolution=res, random_flip=True, learning_rate=1e-4, lr_scheduler="constant",
                           lr_warmup_steps=0, seed=42, report_to="none", checkpointing_steps=10**9, eval_samples=0,

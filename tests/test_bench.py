@@ -7,11 +7,11 @@ import sys
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "bench/bench.py", "--tiny", "--steps", "2", "--warmup", "1", "--images", "8",
-                        "--configs", "documented-plain,documented,documented-merged", "--workdir", str(tmp_path),
+                        "--configs", "documented-plain,documented,documented-merged,b8-checkpointing", "--workdir", str(tmp_path),
                         "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [row["config"] for row in report["results"]] == ["documented-plain", "documented", "documented-merged"]
+    assert [row["config"] for row in report["results"]] == ["documented-plain", "documented", "documented-merged", "b8-checkpointing"]
     for row in report["results"]:
         assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0
     assert "| documented-merged | 1 x 4 |" in r.stdout

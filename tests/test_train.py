@@ -125,3 +125,12 @@ def test_logged_loss_is_the_mean_over_the_micro_steps_taken(demo_data, tmp_path)
     assert len(single.losses) == 3 and len(accumulated.losses) == 2
     assert accumulated.losses[0] == pytest.approx((single.losses[0] + single.losses[1]) / 2, rel=1e-5)
     assert accumulated.losses[1] == pytest.approx(single.losses[2], rel=1e-5)  # not halved
+
+
+def test_compiled_transformer_blocks_train_the_same_maths(demo_data, tmp_path):
+    "--dynamo_backend compiles the UNet's transformer blocks; on the CPU aot_eager (no code generation) checks the graphs."
+    eager = train(tiny_config(demo_data, tmp_path / "eager", max_train_steps=4))
+    compiled = train(tiny_config(demo_data, tmp_path / "compiled", max_train_steps=4, dynamo_backend="aot_eager"))
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    a, b = load_file(eager.lora_path), load_file(compiled.lora_path)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
