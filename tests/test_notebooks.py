@@ -6,7 +6,9 @@ matplotlib's backend and the working folder differ. Cells that `nbdev_test` skip
 lesson must show at least one picture.
 """
 import configparser
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -43,17 +45,38 @@ def test_directives_are_read_like_nbdev():
     assert runs_in_tests(nbformat.v4.new_code_cell("#| export\ndef f(): pass"))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_a_jupyter_kernel_and_shows_a_picture(path, monkeypatch):
-    # the kernel inherits our environment: conftest's MPLBACKEND=Agg would keep figures from being shown
-    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+def execute(path: Path) -> tuple[str|None, int]:
+    "Run `path` in a fresh kernel as nbdev_test would; the error (or `None`) and how many pictures it showed."
     nb = nbformat.read(path, as_version=4)
     nb.cells = [c for c in nb.cells if c.cell_type != "code" or runs_in_tests(c)]
     for cell in nb.cells:
         if cell.cell_type == "code": cell.outputs = []
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    try: NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    except Exception as e: return f"{type(e).__name__}: {e}"[-3000:], 0
     pictures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
                 if o.get("output_type") in ("display_data", "execute_result") and "image/png" in o.get("data", {})]
     drawn = [m for c in nb.cells if c.cell_type == "markdown" for m in re.findall(r"!\[[^]]*\]\(([^)]+)\)", c.source)
              if (path.parent / m).is_file()]
-    assert pictures or drawn, f"{path.name} ran but shows no picture"
+    return None, len(pictures) + len(drawn)
+
+
+@pytest.fixture(scope="module")
+def executed():
+    "Every notebook executed once, two kernels at a time (one thread each, as on CI's two cores)."
+    env = {"MPLBACKEND": "module://matplotlib_inline.backend_inline",  # not conftest's Agg: figures must show
+           "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernels inherit this process's environment
+    try:
+        with ProcessPoolExecutor(max_workers=2) as pool: return dict(zip(NOTEBOOKS, pool.map(execute, NOTEBOOKS)))
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_a_jupyter_kernel_and_shows_a_picture(path, executed):
+    error, pictures = executed[path]
+    assert error is None, f"{path.name} failed in a Jupyter kernel:\n{error}"
+    assert pictures, f"{path.name} ran but shows no picture"
