@@ -4,6 +4,7 @@
 
 # %% ../nbs/02_models.ipynb #c8e570dd
 from __future__ import annotations
+import importlib.resources
 import os
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ from transformers import CLIPTokenizer, CLIPTextConfig, CLIPTextModel
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 # %% auto #0
-__all__ = ['TINY_SD', 'bytes_to_unicode', 'byte_clip_tokenizer', 'tiny_sd_pipeline', 'sd_lora_home', 'tiny_sd_path',
+__all__ = ['TINY_SD', 'TOY', 'bytes_to_unicode', 'byte_clip_tokenizer', 'tiny_sd_pipeline', 'sd_lora_home', 'tiny_sd_path',
            'resolve_model', 'SDComponents', 'load_components', 'load_pipeline']
 
 # %% ../nbs/02_models.ipynb #047f4d9a
@@ -75,9 +76,12 @@ def tiny_sd_path() -> Path:
         except OSError: shutil.rmtree(tmp, ignore_errors=True)
     return path
 
-def resolve_model(name_or_path: str|None, # `TINY_SD`, `None` (the same), a Hub id or a local folder
+TOY = "sd_lora:toy"  # the toy world's pretrained model, shipped inside the package (see 07d_pretrain)
+
+def resolve_model(name_or_path: str|None, # `TINY_SD`, `None` (the same), `TOY`, a Hub id or a local folder
                  ) -> str:
-    "Turn the embedded default's name into its folder; pass anything else through."
+    "Turn the embedded models' names into their folders; pass anything else through."
+    if name_or_path == TOY: return str(importlib.resources.files("sd_lora") / "toy_world")
     return str(tiny_sd_path()) if name_or_path in (None, TINY_SD) else str(name_or_path)
 
 # %% ../nbs/02_models.ipynb #256236d1
