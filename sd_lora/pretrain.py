@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from fastcore.imports import IN_NOTEBOOK
 from .core import quiet, to_tensor
 from .config import TrainConfig
 from .data import tokenize
