@@ -19,7 +19,7 @@ from fastcore.imports import IN_NOTEBOOK
 from .core import quiet, to_tensor
 from .config import TrainConfig
 from .data import tokenize
-from .diffusion import noisify, target_for, diffusion_loss, sample_noise
+from .diffusion import noisify, target_for, diffusion_loss, sample_noise, min_snr_weights
 from .train import make_optimizer
 from .toy import (SHAPES, BASE_COLOURS, NEW_COLOURS, TEXTURES, draw, world, toy_pipeline, prompts_for,
                          sample, score)
@@ -120,8 +120,9 @@ def unet_loss(unet, # the UNet being trained
               generator: torch.Generator, # draws latents, noise, timesteps and dropout
               caption_dropout: float=0.1, # the fraction of captions replaced by the empty caption
               prediction_type: str="epsilon", # the UNet's target
+              snr_gamma: float|None=5.0, # Min-SNR-gamma loss weights (None: plain MSE)
              ) -> torch.Tensor:
-    "The diffusion loss of one batch, with caption dropout."
+    "The diffusion loss of one batch, with caption dropout and Min-SNR weighting."
     mean, std = enc["mean"][idx], enc["std"][idx]
     latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
     drop = torch.rand(len(idx), generator=generator) < caption_dropout
@@ -129,11 +130,12 @@ def unet_loss(unet, # the UNet being trained
     noise = sample_noise(latents, generator=generator)
     t = torch.randint(0, len(alphas_cumprod), (len(idx),), generator=generator)
     pred = unet(noisify(latents, noise, t, alphas_cumprod), t, text, return_dict=False)[0]
-    return diffusion_loss(pred, target_for(prediction_type, latents, noise, t, alphas_cumprod))
+    weights = None if snr_gamma is None else min_snr_weights(t, alphas_cumprod, snr_gamma, prediction_type)
+    return diffusion_loss(pred, target_for(prediction_type, latents, noise, t, alphas_cumprod), weights)
 
 def train_unet(pipe, # the toy pipeline; its UNet is trained in place and left holding the EMA weights
                enc: dict[str, torch.Tensor], # from `encode_world`
-               steps: int=1200, # optimizer steps
+               steps: int=3000, # optimizer steps
                batch_size: int=32, # latents per step
                lr: float=2e-3, # peak learning rate
                caption_dropout: float=0.1, # fraction of empty captions
@@ -167,7 +169,7 @@ def save_toy(pipe, # the trained toy pipeline
 def pretrain_toy(output_dir: str|Path, # where the pipeline and `toy_world.json` go
                  seed: int=0, # seeds weights, pictures and every draw
                  vae_steps: int=500, # VAE optimizer steps
-                 unet_steps: int=1200, # UNet optimizer steps
+                 unet_steps: int=3000, # UNet optimizer steps
                  n_per_concept: int=256, # training pictures of each base concept
                  eval_n: int=16, # pictures per prompt for the recorded scores (0: skip)
                  log_every: int=100, # print progress this often (0: never)
@@ -193,7 +195,7 @@ def pretrain_toy(output_dir: str|Path, # where the pipeline and `toy_world.json`
                        f"--unet_steps {unet_steps} --n_per_concept {n_per_concept} --eval_n {eval_n}",
             "settings": dict(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, n_per_concept=n_per_concept,
                              eval_n=eval_n, vae_batch_size=32, unet_batch_size=32, caption_dropout=0.1,
-                             ema_decay=0.999, scaling_factor=factor),
+                             snr_gamma=5.0, ema_decay=0.999, scaling_factor=factor),
             "final_loss": {"vae": float(np.mean(vae_losses[-50:])), "unet": float(np.mean(unet_losses[-50:]))},
             "minutes": {"vae": round(t_vae / 60, 2), "unet": round(t_unet / 60, 2),
                         "total": round((time.time() - t0) / 60, 2)},
@@ -210,10 +212,14 @@ def pretrain_cli(argv: list[str]|None=None, # the arguments (default: the comman
     p.add_argument("--output_dir", required=True, help="where the pipeline and toy_world.json go")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae_steps", type=int, default=500)
-    p.add_argument("--unet_steps", type=int, default=1200)
+    p.add_argument("--unet_steps", type=int, default=3000)
     p.add_argument("--n_per_concept", type=int, default=256)
     p.add_argument("--eval_n", type=int, default=16, help="pictures per prompt for the recorded scores (0: skip)")
     p.add_argument("--log_every", type=int, default=100)
     quiet()
     card = pretrain_toy(**vars(p.parse_args(argv)))
     print(json.dumps(card, indent=1))
+
+# %% ../nbs/07d_pretrain.ipynb #34665ab1
+#| eval: false
+if __name__ == "__main__" and not IN_NOTEBOOK: pretrain_cli()

@@ -180,12 +180,12 @@ def toy_vae() -> AutoencoderKL:
                          mid_block_add_attention=False)
 
 def toy_unet() -> UNet2DConditionModel:
-    "A three-level UNet over 4x16x16 latents with cross-attention to 64-wide text vectors."
+    "A three-level UNet over 4x16x16 latents, attending (to itself and the caption) at 8x8 and 4x4."
     return UNet2DConditionModel(
         sample_size=SIZE // 2, block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64,
         attention_head_dim=8, norm_num_groups=16,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
 
 def toy_scheduler() -> DDIMScheduler:
     "DDIM on the cosine schedule, spaced so sampling starts below t=999."

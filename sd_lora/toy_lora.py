@@ -44,9 +44,10 @@ def lora_scores(lora_path: str|Path|None, # a LoRA file or folder; None scores t
                 n: int=8, # pictures per prompt
                 seed: int=0, # seeds the sampling
                 new: list[str]=list(NEW_COLOURS), # the taught colours
+                pretrained_model_name_or_path: str=TOY, # the base model
                ) -> dict[str, dict[str, float]]:
     "The evaluator's scores on the base prompts and the new ones, with the LoRA loaded into a fresh toy pipeline."
-    pipe = load_pipeline(TOY)
+    pipe = load_pipeline(pretrained_model_name_or_path)
     pipe.set_progress_bar_config(disable=True)
     if lora_path is not None: load_lora(pipe, lora_path)
     return {"base": score(sample(pipe, prompts_for(list(BASE_COLOURS)), n=n, seed=seed)),
