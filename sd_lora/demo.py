@@ -46,20 +46,19 @@ def demo_config(output_dir: Path, # where the run writes
                 pretrained_model_name_or_path: str, # the base model
                 train_data_dir: str|None, dataset_name: str|None, # the data
                 resolution: int|None, max_train_steps: int|None, train_batch_size: int|None, # None: the model's defaults
-                learning_rate: float, seed: int,
+                learning_rate: float|None, seed: int,
                ) -> TrainConfig:
     "The run's settings: `teach_config` for the toy model, the photo demo's for any other."
-    given = {k: v for k, v in dict(resolution=resolution, max_train_steps=max_train_steps,
+    given = {k: v for k, v in dict(resolution=resolution, max_train_steps=max_train_steps, learning_rate=learning_rate,
                                    train_batch_size=train_batch_size).items() if v is not None}
     if pretrained_model_name_or_path == TOY:
-        return teach_config(train_data_dir, output_dir, dataset_name=dataset_name, learning_rate=learning_rate,
-                            seed=seed, **given)
+        return teach_config(train_data_dir, output_dir, dataset_name=dataset_name, seed=seed, **given)
     steps = given.get("max_train_steps", 300)
     return TrainConfig(pretrained_model_name_or_path=pretrained_model_name_or_path, train_data_dir=train_data_dir,
                        dataset_name=dataset_name, output_dir=str(output_dir),
                        resolution=given.get("resolution", 64 if pretrained_model_name_or_path == TINY_SD else 512),
                        center_crop=True, random_flip=True, train_batch_size=given.get("train_batch_size", 4),
-                       max_train_steps=steps, learning_rate=learning_rate, lr_warmup_steps=0,
+                       max_train_steps=steps, learning_rate=given.get("learning_rate", 1e-3), lr_warmup_steps=0,
                        checkpointing_steps=steps, checkpoints_total_limit=1, seed=seed)
 
 def demo(output_dir: str|Path, # where the LoRA, samples.png, loss.png (and for the toy model scores.md) go
@@ -67,9 +66,9 @@ def demo(output_dir: str|Path, # where the LoRA, samples.png, loss.png (and for 
          train_data_dir: str|None=None, # an imagefolder (default: purple shapes for the toy model, else the demo photos)
          dataset_name: str|None=None, # or a Hub data set
          resolution: int|None=None, # training and sampling size (default: 32 for the toy model, 64 tiny, else 512)
-         max_train_steps: int|None=None, # optimizer steps (default: 200 for the toy model, else 300)
+         max_train_steps: int|None=None, # optimizer steps (default: 400 for the toy model, else 300)
          train_batch_size: int|None=None, # batch size (default: 16 for the toy model, else 4)
-         learning_rate: float=1e-3, # the small models learn fast; use about 1e-4 for real checkpoints
+         learning_rate: float|None=None, # default: 2e-3 for the toy model, else 1e-3; use about 1e-4 for real checkpoints
          seed: int=0, # seeds training and sampling
          prompts: list[str]|None=None, # prompts to compare (default: purple and base shapes, or three demo captions)
          eval_n: int=8, # toy model only: pictures per prompt for the evaluator's figures
@@ -109,9 +108,9 @@ def demo_cli(argv: list[str]|None=None):
                                             "model, else the demo photos)")
     p.add_argument("--dataset_name", help="a Hub data set instead")
     p.add_argument("--resolution", type=int, help="default: 32 for the toy model, 64 for the tiny one, else 512")
-    p.add_argument("--max_train_steps", type=int, help="default: 200 for the toy model, else 300")
+    p.add_argument("--max_train_steps", type=int, help="default: 400 for the toy model, else 300")
     p.add_argument("--train_batch_size", type=int, help="default: 16 for the toy model, else 4")
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--learning_rate", type=float, help="default: 2e-3 for the toy model, else 1e-3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", action="append", dest="prompts", help="a prompt to compare; repeat for several")
     p.add_argument("--eval_n", type=int, default=8, help="toy model: pictures per prompt for the scores (0: skip)")

@@ -34,7 +34,7 @@ def teach_config(train_data_dir: str|Path, # from `concept_data`
                 ) -> TrainConfig:
     "The `TrainConfig` that teaches the toy model a new concept in about a minute on two CPU cores."
     kw = dict(pretrained_model_name_or_path=TOY, train_data_dir=str(train_data_dir), output_dir=str(output_dir),
-              resolution=SIZE, center_crop=True, train_batch_size=16, max_train_steps=200, learning_rate=1e-3,
+              resolution=SIZE, center_crop=True, train_batch_size=16, max_train_steps=400, learning_rate=2e-3,
               lr_warmup_steps=0, rank=8, seed=0, report_to="none", eval_samples=0, checkpointing_steps=10_000,
               mixed_precision="no")
     return TrainConfig(**{**kw, **overrides})

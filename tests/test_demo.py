@@ -11,7 +11,7 @@ from sd_lora.inference import generate
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    r = subprocess.run(["sd_lora_demo", "--output_dir", str(out), "--max_train_steps", "60", "--eval_n", "4"],
+    r = subprocess.run(["sd_lora_demo", "--output_dir", str(out), "--max_train_steps", "120", "--eval_n", "4"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| with the LoRA |" in r.stdout
