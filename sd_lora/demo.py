@@ -5,18 +5,21 @@
 # %% ../nbs/08_demo.ipynb #00d7ec18
 from __future__ import annotations
 import argparse
+import json
 from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 from .core import quiet
 from .data import make_demo_data, DEMO_IMAGES
-from .models import TINY_SD, load_pipeline
+from .models import TINY_SD, TOY, load_pipeline
 from .config import TrainConfig
 from .train import train
 from .inference import generate, load_lora, comparison_grid
+from .toy import BASE_COLOURS, NEW_COLOURS, prompts_for
+from .toy_lora import concept_data, teach_config, lora_scores, figures_table
 
 # %% auto #0
-__all__ = ['plot_losses', 'demo', 'demo_cli']
+__all__ = ['plot_losses', 'default_data', 'demo_config', 'demo', 'demo_cli']
 
 # %% ../nbs/08_demo.ipynb #47f027b1
 def plot_losses(losses: list[float], # loss of each step
@@ -32,56 +35,89 @@ def plot_losses(losses: list[float], # loss of each step
     fig.tight_layout()
     return fig
 
-def demo(output_dir: str|Path, # where the LoRA, samples.png and loss.png go
-         pretrained_model_name_or_path: str=TINY_SD, # the base model: the tiny default, a Hub id or a folder
-         train_data_dir: str|None=None, # an imagefolder (default: the demo photos, written to output_dir/data)
+def default_data(output_dir: Path, # the demo's output folder
+                 pretrained_model_name_or_path: str, # the base model
+                ) -> str:
+    "The toy model's new-colour pictures (with base pictures beside them), or the demo photos for any other model."
+    if pretrained_model_name_or_path == TOY: return str(concept_data(output_dir / "data"))
+    return str(make_demo_data(output_dir / "data"))
+
+def demo_config(output_dir: Path, # where the run writes
+                pretrained_model_name_or_path: str, # the base model
+                train_data_dir: str|None, dataset_name: str|None, # the data
+                resolution: int|None, max_train_steps: int|None, train_batch_size: int|None, # None: the model's defaults
+                learning_rate: float|None, seed: int,
+               ) -> TrainConfig:
+    "The run's settings: `teach_config` for the toy model, the photo demo's for any other."
+    given = {k: v for k, v in dict(resolution=resolution, max_train_steps=max_train_steps, learning_rate=learning_rate,
+                                   train_batch_size=train_batch_size).items() if v is not None}
+    if pretrained_model_name_or_path == TOY:
+        return teach_config(train_data_dir, output_dir, dataset_name=dataset_name, seed=seed, **given)
+    steps = given.get("max_train_steps", 300)
+    return TrainConfig(pretrained_model_name_or_path=pretrained_model_name_or_path, train_data_dir=train_data_dir,
+                       dataset_name=dataset_name, output_dir=str(output_dir),
+                       resolution=given.get("resolution", 64 if pretrained_model_name_or_path == TINY_SD else 512),
+                       center_crop=True, random_flip=True, train_batch_size=given.get("train_batch_size", 4),
+                       max_train_steps=steps, learning_rate=given.get("learning_rate", 1e-3), lr_warmup_steps=0,
+                       checkpointing_steps=steps, checkpoints_total_limit=1, seed=seed)
+
+def demo(output_dir: str|Path, # where the LoRA, samples.png, loss.png (and for the toy model scores.md) go
+         pretrained_model_name_or_path: str=TOY, # the base model: the shipped toy model, `TINY_SD`, a Hub id or a folder
+         train_data_dir: str|None=None, # an imagefolder (default: purple shapes for the toy model, else the demo photos)
          dataset_name: str|None=None, # or a Hub data set
-         resolution: int|None=None, # training and sampling size (default: 64 for the tiny model, else 512)
-         max_train_steps: int=300, # optimizer steps
-         train_batch_size: int=4, # batch size
-         learning_rate: float=1e-3, # the tiny model learns fast; use about 1e-4 for real checkpoints
+         resolution: int|None=None, # training and sampling size (default: 32 for the toy model, 64 tiny, else 512)
+         max_train_steps: int|None=None, # optimizer steps (default: 400 for the toy model, else 300)
+         train_batch_size: int|None=None, # batch size (default: 16 for the toy model, else 4)
+         learning_rate: float|None=None, # default: 2e-3 for the toy model, else 1e-3; use about 1e-4 for real checkpoints
          seed: int=0, # seeds training and sampling
-         prompts: list[str]|None=None, # prompts to compare (default: three demo captions)
+         prompts: list[str]|None=None, # prompts to compare (default: purple and base shapes, or three demo captions)
+         eval_n: int=8, # toy model only: pictures per prompt for the evaluator's figures
         ):
-    "Train a LoRA, then save it with before/after samples (`samples.png`) and the loss curve (`loss.png`)."
-    out = Path(output_dir)
-    if train_data_dir is None and dataset_name is None: train_data_dir = str(make_demo_data(out / "data"))
-    resolution = resolution or (64 if pretrained_model_name_or_path == TINY_SD else 512)
-    res = train(TrainConfig(pretrained_model_name_or_path=pretrained_model_name_or_path,
-                            train_data_dir=train_data_dir, dataset_name=dataset_name, output_dir=str(out),
-                            resolution=resolution, center_crop=True, random_flip=True, train_batch_size=train_batch_size,
-                            max_train_steps=max_train_steps, learning_rate=learning_rate, lr_warmup_steps=0,
-                            checkpointing_steps=max_train_steps, checkpoints_total_limit=1, seed=seed))
-    prompts = prompts or [DEMO_IMAGES[k] for k in ("chelsea", "rocket", "coffee")]
+    "Train a LoRA, then save it with before/after samples (`samples.png`), the loss curve (`loss.png`) and, for the toy model, the evaluator's figures (`scores.json`, `scores.md`)."
+    out, toy = Path(output_dir), pretrained_model_name_or_path == TOY
+    if train_data_dir is None and dataset_name is None: train_data_dir = default_data(out, pretrained_model_name_or_path)
+    cfg = demo_config(out, pretrained_model_name_or_path, train_data_dir, dataset_name, resolution, max_train_steps,
+                      train_batch_size, learning_rate, seed)
+    res = train(cfg)
+    default_prompts = prompts_for(list(NEW_COLOURS)) + prompts_for(list(BASE_COLOURS))[::3] if toy else \
+                      [DEMO_IMAGES[k] for k in ("chelsea", "rocket", "coffee")]
+    prompts = prompts or default_prompts
     pipe = load_pipeline(pretrained_model_name_or_path)
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(seed=seed, height=resolution, width=resolution)
+    kw = dict(seed=seed, height=cfg.resolution, width=cfg.resolution)
     base = generate(pipe, prompts, **kw)
     lora = generate(load_lora(pipe, res.lora_path), prompts, **kw)
     comparison_grid({"base": base, "with LoRA": lora}, prompts).savefig(out / "samples.png", dpi=100)
     plot_losses(res.losses).savefig(out / "loss.png", dpi=100)
     plt.close("all")
+    if toy and eval_n:
+        runs = {"base model": lora_scores(None, n=eval_n, seed=seed), "with the LoRA": lora_scores(res.lora_path, n=eval_n, seed=seed)}
+        (out / "scores.json").write_text(json.dumps(runs, indent=1) + "\n")
+        (out / "scores.md").write_text(figures_table(runs))
     return res
 
-# %% ../nbs/08_demo.ipynb #a16cc40d
-def demo_cli(argv: list[str]|None=None, # the command-line arguments; `None`: `sys.argv[1:]`
-            ):
+# %% ../nbs/08_demo.ipynb #b9473df2
+def demo_cli(argv: list[str]|None=None):
     "Command-line entry point `sd_lora_demo`."
-    p = argparse.ArgumentParser(description="Train a LoRA on the embedded tiny model and demo photos (or your own) "
-                                            "and save it with before/after samples and the loss curve.")
-    p.add_argument("--output_dir", required=True, help="where the LoRA, samples.png and loss.png go")
-    p.add_argument("--pretrained_model_name_or_path", default=TINY_SD, help="the base model (default: the tiny model)")
-    p.add_argument("--train_data_dir", help="an imagefolder with metadata.jsonl (default: the demo photos)")
+    p = argparse.ArgumentParser(description="Teach the shipped toy model a new colour with a LoRA (or train one on "
+                                            "any model and data) and save it with before/after samples, the loss "
+                                            "curve and, for the toy model, the evaluator's figures.")
+    p.add_argument("--output_dir", required=True, help="where the LoRA, samples.png, loss.png and scores.md go")
+    p.add_argument("--pretrained_model_name_or_path", default=TOY, help="the base model (default: the toy model, sd_lora:toy)")
+    p.add_argument("--train_data_dir", help="an imagefolder with metadata.jsonl (default: purple shapes for the toy "
+                                            "model, else the demo photos)")
     p.add_argument("--dataset_name", help="a Hub data set instead")
-    p.add_argument("--resolution", type=int, help="default: 64 for the tiny model, else 512")
-    p.add_argument("--max_train_steps", type=int, default=300)
-    p.add_argument("--train_batch_size", type=int, default=4)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--resolution", type=int, help="default: 32 for the toy model, 64 for the tiny one, else 512")
+    p.add_argument("--max_train_steps", type=int, help="default: 400 for the toy model, else 300")
+    p.add_argument("--train_batch_size", type=int, help="default: 16 for the toy model, else 4")
+    p.add_argument("--learning_rate", type=float, help="default: 2e-3 for the toy model, else 1e-3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", action="append", dest="prompts", help="a prompt to compare; repeat for several")
+    p.add_argument("--eval_n", type=int, default=8, help="toy model: pictures per prompt for the scores (0: skip)")
     quiet()
     matplotlib.use("Agg")
     args = p.parse_args(argv)
     demo(**vars(args))
     out = Path(args.output_dir)
     print(f"Wrote {out / 'pytorch_lora_weights.safetensors'}, {out / 'samples.png'} and {out / 'loss.png'}")
+    if (out / "scores.md").exists(): print((out / "scores.md").read_text())

@@ -4,6 +4,7 @@
 
 # %% ../nbs/02_models.ipynb #c8e570dd
 from __future__ import annotations
+import importlib.resources
 import os
 import shutil
 import tempfile
@@ -16,9 +17,9 @@ from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, Dif
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 
 # %% auto #0
-__all__ = ['TINY_SD', 'TINY_SD2', 'TINY_SDXL', 'TINY_FAMILY', 'bytes_to_unicode', 'byte_clip_tokenizer', 'tiny_sd_pipeline',
-           'tiny_sd2_pipeline', 'tiny_sdxl_pipeline', 'sd_lora_home', 'tiny_sd_path', 'tiny_family_path',
-           'resolve_model', 'SDComponents', 'load_components', 'model_family', 'load_pipeline']
+__all__ = ['TINY_SD', 'TINY_SD2', 'TINY_SDXL', 'TINY_FAMILY', 'TOY', 'bytes_to_unicode', 'byte_clip_tokenizer',
+           'tiny_sd_pipeline', 'tiny_sd2_pipeline', 'tiny_sdxl_pipeline', 'sd_lora_home', 'tiny_sd_path',
+           'tiny_family_path', 'resolve_model', 'SDComponents', 'load_components', 'model_family', 'load_pipeline']
 
 # %% ../nbs/02_models.ipynb #047f4d9a
 def bytes_to_unicode() -> dict[int, str]:
@@ -143,9 +144,12 @@ def tiny_family_path(name: str, # `TINY_SD2` or `TINY_SDXL`
         except OSError: shutil.rmtree(tmp, ignore_errors=True)
     return path
 
-def resolve_model(name_or_path: str|None, # `TINY_SD`, `TINY_SD2`, `TINY_SDXL`, `None` (`TINY_SD`), a Hub id or a local folder
+TOY = "sd_lora:toy"  # the toy world's pretrained model, shipped inside the package (see 07d_pretrain)
+
+def resolve_model(name_or_path: str|None, # `TINY_SD`, `TINY_SD2`, `TINY_SDXL`, `TOY`, `None` (`TINY_SD`), a Hub id or a local folder
                  ) -> str:
-    "Turn the embedded default's name into its folder; pass anything else through."
+    "Turn the embedded models' names into their folders; pass anything else through."
+    if name_or_path == TOY: return str(importlib.resources.files("sd_lora") / "toy_world")
     if name_or_path in TINY_FAMILY: return str(tiny_family_path(name_or_path))
     return str(tiny_sd_path()) if name_or_path in (None, TINY_SD) else str(name_or_path)
 

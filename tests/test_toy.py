@@ -1,0 +1,72 @@
+"The toy world: the shipped weights reach the base scores, a short LoRA learns purple and keeps the rest, the rebuild command runs."
+import json
+import subprocess
+import sys
+from pathlib import Path
+import pytest
+from sd_lora.models import TOY, resolve_model, load_pipeline
+from sd_lora.toy import BASE_COLOURS, NEW_COLOURS, COLOURS, SHAPES, world, read_colour, read_shape, prompts_for, sample, score
+from sd_lora.toy_lora import concept_data, teach_config, lora_scores
+from sd_lora.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    pipe = load_pipeline(TOY)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_evaluator_reads_the_worlds_own_pictures():
+    items = world(list(COLOURS), 6, seed=11)
+    assert sum(read_colour(i) == t.split()[1] for i, t in items) >= len(items) - 1
+    assert sum(read_shape(i) == t.split()[2] for i, t in items) >= len(items) - 2
+
+
+def test_shipped_weights_are_small_and_recorded():
+    folder = Path(resolve_model(TOY))
+    assert folder.is_relative_to(ROOT / "sd_lora")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 6e6, size
+    card = json.loads((folder / "toy_world.json").read_text())
+    assert card["command"].startswith("sd_lora_pretrain_toy") and card["settings"]["seed"] == 0
+    assert "recursive-include sd_lora/toy_world" in (ROOT / "MANIFEST.in").read_text()
+    assert "sd_lora_pretrain_toy=sd_lora.pretrain:pretrain_cli" in (ROOT / "settings.ini").read_text()
+
+
+def test_shipped_weights_reach_the_base_scores(toy):
+    s = score(sample(toy, prompts_for(list(BASE_COLOURS)), n=4, seed=1))
+    assert s["colour"] >= 0.9 and s["shape"] >= 0.9, s
+    assert score(sample(toy, prompts_for(list(NEW_COLOURS)), n=4, seed=1))["purple"] <= 0.25
+
+
+def test_default_scheduler_samples_cleanly(toy):
+    "`load_pipeline(TOY)` with the pipeline's own defaults (50 DDIM steps, guidance 7.5) draws the prompt."
+    import torch
+    images = toy(["a blue square", "a yellow triangle"], generator=torch.Generator().manual_seed(0)).images
+    assert [read_colour(i) for i in images] == ["blue", "yellow"]
+
+
+def test_short_lora_learns_purple_and_keeps_the_base_colours(tmp_path):
+    data = concept_data(tmp_path / "data")
+    res = train(teach_config(data, tmp_path / "lora", max_train_steps=200))
+    before, after = lora_scores(None, n=4, seed=3), lora_scores(res.lora_path, n=4, seed=3)
+    # 12 purple pictures each: a rise of at least 0.5 is far beyond what sampling noise does to a fixed-seed score
+    assert after["new"]["purple"] - before["new"]["purple"] >= 0.5, (before, after)
+    for c in BASE_COLOURS: assert after["base"][c] >= 0.75, (c, after)
+    assert after["base"]["shape"] >= 0.85, after
+
+
+def test_rebuild_command_runs_a_few_steps(tmp_path):
+    out = tmp_path / "toy"
+    r = subprocess.run([sys.executable, "-m", "sd_lora.pretrain", "--output_dir", str(out), "--vae_steps", "2",
+                        "--unet_steps", "2", "--n_per_concept", "1", "--eval_n", "0"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = json.loads((out / "toy_world.json").read_text())
+    assert card["settings"]["unet_steps"] == 2
+    pipe = load_pipeline(str(out))
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype
+    assert pipe.scheduler.config.timestep_spacing == "leading"
