@@ -44,9 +44,13 @@ def default_data(output_dir: Path, # the demo's output folder
 
 def demo_config(output_dir: Path, # where the run writes
                 pretrained_model_name_or_path: str, # the base model
-                train_data_dir: str|None, dataset_name: str|None, # the data
-                resolution: int|None, max_train_steps: int|None, train_batch_size: int|None, # None: the model's defaults
-                learning_rate: float|None, seed: int,
+                train_data_dir: str|None, # an imagefolder (for the toy model: the concept's pictures, made if `None`)
+                dataset_name: str|None, # or a Hub data set
+                resolution: int|None, # training size; `None`: the model's default
+                max_train_steps: int|None, # optimizer steps; `None`: the model's default
+                train_batch_size: int|None, # batch size; `None`: the model's default
+                learning_rate: float|None, # `None`: the model's default
+                seed: int, # seeds training and sampling
                ) -> TrainConfig:
     "The run's settings: `teach_config` for the toy model, the photo demo's for any other."
     given = {k: v for k, v in dict(resolution=resolution, max_train_steps=max_train_steps, learning_rate=learning_rate,
@@ -97,7 +101,8 @@ def demo(output_dir: str|Path, # where the LoRA, samples.png, loss.png (and for 
     return res
 
 # %% ../nbs/08_demo.ipynb #b9473df2
-def demo_cli(argv: list[str]|None=None):
+def demo_cli(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)
+            ):
     "Command-line entry point `sd_lora_demo`."
     p = argparse.ArgumentParser(description="Teach the shipped toy model a new colour with a LoRA (or train one on "
                                             "any model and data) and save it with before/after samples, the loss "
