@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 import transformers
+import diffusers
 from transformers import CLIPTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, DiffusionPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
@@ -164,6 +165,7 @@ class SDComponents:
     noise_scheduler: DDPMScheduler # the training noise schedule: adds noise at timestep t, sets the prediction type
     tokenizer_2: CLIPTokenizer|None = None # SDXL's second tokenizer
     text_encoder_2: CLIPTextModelWithProjection|None = None # SDXL's second text encoder (with a projection)
+    sampler: object|None = None # the checkpoint's own scheduler (its class from model_index.json), to sample with
 
 def _check_model(path: str):
     "Fail early, naming the path, on a local model folder that is missing or is not a pipeline."
@@ -199,7 +201,8 @@ def load_components(name_or_path: str|None=TINY_SD, # `TINY_SD`, a Hub id or a l
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
         tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw) if two else None,
-        text_encoder_2=text_encoder("text_encoder_2") if two else None)
+        text_encoder_2=text_encoder("text_encoder_2") if two else None,
+        sampler=getattr(diffusers, index["scheduler"][1]).from_pretrained(path, subfolder="scheduler", **kw))
 
 def model_family(unet, # the loaded UNet
                 ) -> str: # "sdxl", "sd2" or "sd1"

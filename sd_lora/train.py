@@ -330,14 +330,16 @@ def evaluate(run: Run, # the run, with its evaluation loader
 def components_pipeline(m, # `SDComponents`
                         unet, # the UNet to sample with (the training one, unwrapped)
                        ) -> StableDiffusionPipeline|StableDiffusionXLPipeline:
-    "A pipeline over the components in memory (nothing reloaded)."
+    "A pipeline over the components in memory (nothing reloaded), sampling with the checkpoint's own scheduler."
+    # not `m.noise_scheduler`: that is a DDPMScheduler (training adds noise with it), a poor 30-step sampler, and
+    # validation images should look like those of the saved LoRA in a pipeline loaded from the checkpoint
     if m.text_encoder_2 is not None:
         pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2,
                                          tokenizer=m.tokenizer, tokenizer_2=m.tokenizer_2, unet=unet,
-                                         scheduler=m.noise_scheduler)
+                                         scheduler=m.sampler or m.noise_scheduler)
     else:
         pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=unet,
-                                       scheduler=m.noise_scheduler, safety_checker=None, feature_extractor=None,
+                                       scheduler=m.sampler or m.noise_scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -507,7 +509,7 @@ def train(cfg: TrainConfig, # the run's settings; `parse_args` makes one from co
     return TrainResult(Path(cfg.output_dir), lora_path, h.losses, h.lrs, h.grad_norms, h.step_times, h.skipped_steps,
                        run.global_step, eval_loss, lora, run.dataset.skipped)
 
-# %% ../nbs/05_train.ipynb #1395c997
+# %% ../nbs/05_train.ipynb #31714609
 def main(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)
         ):
     "Command-line entry point: `sd_lora_train`, `python -m sd_lora.train`, `accelerate launch -m sd_lora.train`."
@@ -518,6 +520,6 @@ def main(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)
         sys.exit(128 + e.signum)
     print(f"Saved {res.lora_path}")
 
-# %% ../nbs/05_train.ipynb #31714609
+# %% ../nbs/05_train.ipynb #7c36ad08
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK: main()

@@ -134,3 +134,15 @@ def test_compiled_transformer_blocks_train_the_same_maths(demo_data, tmp_path):
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
     a, b = load_file(eager.lora_path), load_file(compiled.lora_path)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_validation_during_training_samples_like_the_saved_lora(tmp_path):
+    "In-loop validation uses the checkpoint's own sampler (DDIM for the toy model), as a reloaded pipeline does."
+    import numpy as np
+    from PIL import Image
+    from sd_lora.toy_lora import concept_data, teach_config
+    cfg = teach_config(concept_data(tmp_path / "data", n_new=4), tmp_path / "out", max_train_steps=10,
+                       validation_prompt="a purple circle", num_validation_images=2, validation_steps=10)
+    train(cfg)
+    last, final = (np.asarray(Image.open(tmp_path / "out" / "validation" / f)) for f in ("step-000010.png", "final.png"))
+    assert np.array_equal(last, final)
