@@ -39,30 +39,6 @@ def byte_clip_tokenizer(max_length: int=77, # pad and truncate to this many toke
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], model_max_length=max_length)
 
 # %% ../nbs/02_models.ipynb #d879f927
-def tiny_sd_pipeline(seed: int=0, # seeds the random weights
-                    ) -> StableDiffusionPipeline:
-    "A tiny SD1.x pipeline with SD's architecture, built from configs with seeded random weights."
-    tokenizer = byte_clip_tokenizer()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64, 64), latent_channels=4, sample_size=64,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, steps_offset=1, clip_sample=False)
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-# %% ../nbs/02_models.ipynb #b9e5ec79
 def _tiny_clip_config(tokenizer, hidden_act: str="quick_gelu", projection_dim: int=32) -> CLIPTextConfig:
     return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, max_position_embeddings=77, hidden_act=hidden_act,
@@ -74,6 +50,24 @@ def _tiny_vae(scaling_factor: float=0.18215) -> AutoencoderKL:
                          scaling_factor=scaling_factor, down_block_types=("DownEncoderBlock2D",) * 3,
                          up_block_types=("UpDecoderBlock2D",) * 3)
 
+def tiny_sd_pipeline(seed: int=0, # seeds the random weights
+                    ) -> StableDiffusionPipeline:
+    "A tiny SD1.x pipeline with SD's architecture, built from configs with seeded random weights."
+    tokenizer = byte_clip_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        vae, text_encoder = _tiny_vae(), CLIPTextModel(_tiny_clip_config(tokenizer))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, steps_offset=1, clip_sample=False)
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+# %% ../nbs/02_models.ipynb #b9e5ec79
 def tiny_sd2_pipeline(seed: int=0, # seeds the random weights
                      ) -> StableDiffusionPipeline:
     "A tiny SD2.x-v pipeline: linear-projection attention, a GELU text encoder, a v-prediction scheduler."
