@@ -4,14 +4,13 @@
 
 # %% ../nbs/01a_buckets.ipynb #341c96a3
 from __future__ import annotations
-import io
 import math
 import random
 from collections import Counter
 import torch
 from PIL import Image
 from .core import to_tensor
-from .data import INTERPOLATIONS, ImageCaptionDataset, open_image, to_rgb, pick_caption, tokenize
+from .data import INTERPOLATIONS, ImageCaptionDataset, image_header, open_image, to_rgb, pick_caption, tokenize
 
 # %% auto #0
 __all__ = ['make_buckets', 'nearest_bucket', 'image_size', 'fit_to_bucket', 'BucketBatchSampler', 'BucketDataset']
@@ -40,10 +39,9 @@ def nearest_bucket(width: int, # the image's width in pixels
 def image_size(cell, # a data set cell, as `open_image` takes it
               ) -> tuple[int, int]: # (width, height), upright
     "An image's upright size, read from its header without decoding the pixels."
-    if isinstance(cell, Image.Image): img = cell
-    else: img = Image.open(cell["path"] if cell.get("bytes") is None else io.BytesIO(cell["bytes"]))
-    w, h = img.size
-    return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+    img, (h, w) = image_header(cell)
+    if img is not cell: img.close()
+    return w, h
 
 def fit_to_bucket(img: Image.Image, # the photo, any mode
                   bucket: tuple[int, int], # (width, height) to fill
@@ -107,10 +105,14 @@ class BucketDataset(ImageCaptionDataset):
         super().set_epoch(epoch)
         for s in self.samplers: s.set_epoch(epoch)
 
+    def image(self, i: int) -> tuple[Image.Image, tuple[int, int]]:
+        "Item `i`'s image, decoded at least as large as its bucket, and its full upright (height, width)."
+        return open_image(self.ds[i][self.image_column], max(self.buckets[self.bucket_of[i]]))
+
     def __getitem__(self, i):
         row, rng = self.ds[i], self.rng(i)
         bucket = self.buckets[self.bucket_of[i]]
-        img, size = open_image(row[self.image_column], max(bucket))
+        img, size = self.image(i)
         img, (top, left) = fit_to_bucket(img, bucket, self.kw["center_crop"], rng, self.kw["interpolation"])
         if self.kw["random_flip"] and rng.random() < 0.5: img = img.transpose(Image.FLIP_LEFT_RIGHT)
         caption = pick_caption(row[self.caption_column], rng)

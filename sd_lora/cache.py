@@ -13,9 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from .core import to_tensor
 from .data import ImageCaptionDataset, resize_shorter, crop_box, pick_caption, to_rgb, tokenize
+from .buckets import BucketDataset, fit_to_bucket
 
 # %% auto #0
-__all__ = ['fixed_crop', 'cache_key', 'data_fingerprint', 'LatentCache', 'build_cache', 'CachedDataset', 'collate_cached']
+__all__ = ['fixed_crop', 'fixed_bucket_crop', 'training_crop', 'cache_key', 'data_fingerprint', 'LatentCache', 'build_cache',
+           'CachedDataset', 'collate_cached']
 
 # %% ../nbs/04d_cache.ipynb #fc77f41c
 def fixed_crop(img, # a PIL image
@@ -31,6 +33,27 @@ def fixed_crop(img, # a PIL image
     crop = img.crop((left, top, left + resolution, top + resolution))
     return crop if original_size is None else (crop, (*original_size, top, left))
 
+def fixed_bucket_crop(img, # a PIL image
+                      bucket: tuple[int, int], # its bucket's (width, height)
+                      center_crop: bool, # the run's --center_crop
+                      interpolation: str="lanczos", # the run's resize filter
+                      original_size: tuple[int, int]|None=None, # (height, width) of the full image: also return SDXL's micro-conditions
+                     ):
+    "Like `fixed_crop`, for an aspect-ratio bucket: the fitted crop with `center_crop`, else `None`."
+    if not center_crop: return None  # a random crop inside the bucket's margin changes every epoch
+    crop, (top, left) = fit_to_bucket(img, bucket, True, None, interpolation)
+    return crop if original_size is None else (crop, (*original_size, top, left))
+
+def training_crop(ds: ImageCaptionDataset, # a square or `BucketDataset` training set
+                  i: int, # the item
+                 ):
+    "Item `i`'s fixed training crop and its (h, w, top, left), or `None` if its crop is random."
+    img, size = ds.image(i)
+    kw = ds.kw
+    if isinstance(ds, BucketDataset):
+        return fixed_bucket_crop(img, ds.buckets[ds.bucket_of[i]], kw["center_crop"], kw["interpolation"], size)
+    return fixed_crop(img, kw["resolution"], kw["center_crop"], kw["interpolation"], original_size=size)
+
 # %% ../nbs/04d_cache.ipynb #901446fb
 def cache_key(model: str, # the model's name or folder
               resolution: int, # side of the square training images, in pixels
@@ -40,9 +63,11 @@ def cache_key(model: str, # the model's name or folder
               data_fingerprint: str, # identifies the images and captions
               dtype: torch.dtype, # the VAE's dtype
               text: bool=True, # whether caption embeddings are cached too
+              bucket_step: int|None=None, # aspect-ratio buckets' step, or `None` for square crops
              ) -> str:
     "A short hash of everything the cached latents depend on."
-    parts = [model, resolution, center_crop, random_flip, interpolation, data_fingerprint, str(dtype), text, "v2"]
+    parts = [model, resolution, center_crop, random_flip, interpolation, data_fingerprint, str(dtype), text,
+             bucket_step, "v3"]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 def data_fingerprint(ds, # a `datasets.Dataset`, or a plain sequence of rows (dicts)
@@ -54,7 +79,7 @@ def data_fingerprint(ds, # a `datasets.Dataset`, or a plain sequence of rows (di
 # %% ../nbs/04d_cache.ipynb #d429669a
 class LatentCache:
     "Cached VAE latent distributions (per image and orientation) and text embeddings (per caption)."
-    def __init__(self, shards: list, # per shard: a dict of tensors, or a safetensors file to read lazily
+    def __init__(self, shards: list, # per shard: a dict of tensors (`mean.j`, `std.j` for its item j), or a safetensors file to read lazily
                  shard_size: int, # items per shard
                  text: dict|None, # caption -> index into `text_embeds`; `None` if captions are not cached
                  text_embeds, # `(n_captions, seq, dim)` tensor (and `pooled`, SDXL), or a safetensors file
@@ -73,8 +98,9 @@ class LatentCache:
         "The mean and std of item `i`'s latent, mirrored or not."
         if flip and not self.flips: raise ValueError("this cache holds no mirrored images: build it with random_flip")
         shard, j = divmod(i, self.shard_size)
-        src = self.shards[shard]
-        return self._get(src, "mean", j)[int(flip)], self._get(src, "std", j)[int(flip)]
+        src = self.shards[shard]  # each item is its own tensor: in buckets, items differ in size
+        return tuple(src[f"{k}.{j}"][int(flip)] if isinstance(src, dict) else
+                     self._open_file(src).get_slice(f"{k}.{j}")[int(flip)] for k in ("mean", "std"))
 
     def text_embedding(self, caption: str) -> dict[str, torch.Tensor]:
         "The text encoder's output for `caption`: `text_embeds`, and `pooled_text_embeds` for SDXL."
@@ -111,36 +137,32 @@ def build_cache(ds: ImageCaptionDataset, # the training set whose items to encod
                 encode_captions=None, # captions -> (embeddings, pooled or None); default: `text_encoder`'s last state
                ) -> LatentCache|None: # `None` if some crop is random, so latents cannot be cached
     "Encode every image (and its mirror) and every caption once."
-    res, center, flip = ds.kw["resolution"], ds.kw["center_crop"], ds.kw["random_flip"]
+    flip = ds.kw["random_flip"]
     plain = not hasattr(ds.ds, "column_names")  # a list of dicts rather than a `datasets.Dataset`
     captions = [r[ds.caption_column] for r in ds.ds] if plain else list(ds.ds[ds.caption_column])
     if folder is not None and (Path(folder) / "done.json").exists():
         return _load_disk_cache(Path(folder), captions, flip)
-    shards, means, stds, boxes = [], [], [], []
-    def flush(final: bool=False):  # cut what is pending into shards of exactly shard_size items
-        mean, std = torch.cat(means), torch.cat(stds)
-        means.clear(); stds.clear()
-        while len(mean) >= shard_size or (final and len(mean)):
-            shard = {"mean": mean[:shard_size].contiguous(), "std": std[:shard_size].contiguous()}
-            if folder is not None:
-                path = str(Path(folder) / f"latents-{len(shards):05d}.safetensors")
-                save_file(shard, path); shard = path
-            shards.append(shard)
-            mean, std = mean[shard_size:], std[shard_size:]
-        if len(mean): means.append(mean); stds.append(std)
     if folder is not None: Path(folder).mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(ds), batch_size):
-        opened = [ds.image(i) for i in range(start, min(start + batch_size, len(ds)))]  # (image, full size)
-        crops = [fixed_crop(img, res, center, ds.kw["interpolation"], original_size=size) for img, size in opened]
-        if any(c is None for c in crops): return None
-        boxes += [box for _, box in crops]
-        x = torch.stack([to_tensor(c) for c, _ in crops])
-        if flip: x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
-        dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-        n_orient = 2 if flip else 1
-        means.append(dist.mean.cpu().unflatten(0, (-1, n_orient))); stds.append(dist.std.cpu().unflatten(0, (-1, n_orient)))
-        if sum(len(m) for m in means) >= shard_size: flush()
-    if means: flush(final=True)
+    size_group = ds.bucket_of if isinstance(ds, BucketDataset) else [0] * len(ds)  # a VAE batch holds one size
+    shards, boxes = [], {}
+    for start in range(0, len(ds), shard_size):  # one shard at a time: a disk cache never holds all in memory
+        groups, shard = {}, {}
+        for i in range(start, min(start + shard_size, len(ds))): groups.setdefault(size_group[i], []).append(i)
+        for idx in (g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)):
+            crops = [training_crop(ds, i) for i in idx]
+            if any(c is None for c in crops): return None
+            x = torch.stack([to_tensor(c) for c, _ in crops])
+            if flip: x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)  # each image, then its mirror
+            dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+            mean, std = (t.cpu().unflatten(0, (len(idx), -1)) for t in (dist.mean, dist.std))
+            for j, (i, (_, box)) in enumerate(zip(idx, crops)):  # each item its own tensor: safetensors saves no views
+                shard[f"mean.{i - start}"], shard[f"std.{i - start}"] = mean[j].contiguous().clone(), std[j].contiguous().clone()
+                boxes[i] = box
+        if folder is not None:
+            path = str(Path(folder) / f"latents-{len(shards):05d}.safetensors")
+            save_file(shard, path); shard = path
+        shards.append(shard)
+    boxes = [boxes[i] for i in range(len(ds))]
     encode = encode_captions or (text_encoder is not None and _encode_with(text_encoder, tokenizer))
     unique = sorted({c for cell in captions for c in _all_captions(cell)}) if encode else []
     parts = [encode(unique[k:k + 64]) for k in range(0, len(unique), 64)]

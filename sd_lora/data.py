@@ -16,8 +16,8 @@ from .core import to_tensor
 
 # %% auto #0
 __all__ = ['DEMO_IMAGES', 'IMAGE_SUFFIXES', 'INTERPOLATIONS', 'make_demo_data', 'load_image_dataset', 'check_columns',
-           'open_image', 'image_problem', 'undecoded', 'drop_unreadable', 'resize_shorter', 'crop_box', 'to_rgb',
-           'preprocess_image', 'pick_caption', 'tokenize', 'drop_bad_captions', 'warn_long_captions',
+           'image_header', 'open_image', 'image_problem', 'undecoded', 'drop_unreadable', 'resize_shorter', 'crop_box',
+           'to_rgb', 'preprocess_image', 'pick_caption', 'tokenize', 'drop_bad_captions', 'warn_long_captions',
            'ImageCaptionDataset', 'collate']
 
 # %% ../nbs/01_data.ipynb #cd132858
@@ -91,10 +91,9 @@ def check_columns(ds, # a `datasets.Dataset`
                              f"{ds.column_names}: pass --{role}_column with one of them")
 
 # %% ../nbs/01_data.ipynb #4787c930
-def open_image(cell, # a data set cell: a PIL image, or a dict with "path" or "bytes" (`datasets.Image(decode=False)`)
-               min_side: int|None=None, # a big JPEG may decode smaller, keeping its shorter side at least this long
-              ) -> tuple[Image.Image, tuple[int, int]]: # the image and its full upright (height, width)
-    "Decode the image of a data set cell, with its size before any reduced decoding."
+def image_header(cell, # a data set cell: a PIL image, or a dict with "path" or "bytes" (`datasets.Image(decode=False)`)
+                ) -> tuple[Image.Image, tuple[int, int]]: # the image, not yet decoded, and its upright (height, width)
+    "Open the image of a data set cell, reading only its header: the size, and EXIF's orientation."
     if isinstance(cell, Image.Image): img = cell
     else:
         with warnings.catch_warnings():  # sizes past PIL's hard limit still raise; `drop_unreadable` names them
@@ -102,6 +101,13 @@ def open_image(cell, # a data set cell: a PIL image, or a dict with "path" or "b
             img = Image.open(cell["path"] if cell.get("bytes") is None else io.BytesIO(cell["bytes"]))
     w, h = img.size
     if img.getexif().get(0x0112, 1) in (5, 6, 7, 8): w, h = h, w  # EXIF says: rotate a quarter turn
+    return img, (h, w)
+
+def open_image(cell, # a data set cell, as `image_header` takes it
+               min_side: int|None=None, # a big JPEG may decode smaller, keeping its shorter side at least this long
+              ) -> tuple[Image.Image, tuple[int, int]]: # the image and its full upright (height, width)
+    "Decode the image of a data set cell, with its size before any reduced decoding."
+    img, (h, w) = image_header(cell)
     if min_side and img.format == "JPEG" and not isinstance(cell, Image.Image): img.draft(img.mode, (min_side, min_side))
     try: img.load()
     except Exception:

@@ -207,7 +207,7 @@ def pretrain_toy(output_dir: str|Path, # where the pipeline and `toy_world.json`
 def pretrain_cli(argv: list[str]|None=None, # the arguments (default: the command line's)
                 ):
     "Command-line entry point `sd_lora_pretrain_toy`."
-    p = argparse.ArgumentParser(description="Pretrain the toy world's Stable Diffusion from scratch (about 20 minutes "
+    p = argparse.ArgumentParser(description="Pretrain the toy world's Stable Diffusion from scratch (about 16 minutes "
                                             "on 2 CPU cores) and save it with its scores.")
     p.add_argument("--output_dir", required=True, help="where the pipeline and toy_world.json go")
     p.add_argument("--seed", type=int, default=0)

@@ -145,23 +145,21 @@ def cached(cfg: TrainConfig, # the run's settings
           ):
     "`ds` encoded once (memory or disk cache), or `ds` itself when caching is off or impossible."
     if cfg.cache_latents == "off": return ds
-    if isinstance(ds, BucketDataset):
-        warnings.warn("Not caching latents: the cache holds one square size, and --aspect_ratio_buckets makes several. "
-                      "Images are encoded at every step (pass --cache_latents off to silence this).")
-        return ds
     folder, text = None, not cfg.train_text_encoder  # training encoders' outputs change every step: images only
+    buckets = isinstance(ds, BucketDataset)
     if cfg.cache_latents == "disk":
         model = f"{cfg.pretrained_model_name_or_path}|{cfg.pretrained_vae_model_name_or_path}"
         key = cache_key(model, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.image_interpolation_mode,
-                        data_fingerprint(ds.ds), m.vae.dtype, text)
+                        data_fingerprint(ds.ds), m.vae.dtype, text, cfg.bucket_step if buckets else None)
         folder = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache") / key
     with accelerator.main_process_first():  # one process writes a disk cache, the others then read it
         cache = build_cache(ds, m.vae, m.text_encoder if text else None, m.tokenizer, cfg.train_batch_size, folder,
                             encode_captions=caption_encoder(m) if text else None)
     if cache is None:
-        warnings.warn(f"Not caching latents: some images are not square at resolution {cfg.resolution} and "
-                      "--center_crop is off, so their random crop changes every epoch. Images are encoded at every "
-                      "step; pass --center_crop to cache them (or --cache_latents off to silence this).")
+        why = ("with --aspect_ratio_buckets, each image's crop inside its bucket is random" if buckets else
+               f"some images are not square at resolution {cfg.resolution}, so their random crop changes every epoch")
+        warnings.warn(f"Not caching latents: --center_crop is off and {why}. Images are encoded at every step; pass "
+                      "--center_crop to cache them (or --cache_latents off to silence this).")
         return ds
     return CachedDataset(ds, cache)
 
@@ -173,7 +171,9 @@ def data_loader(ds, # an `ImageCaptionDataset`, `BucketDataset` or `CachedDatase
     "Batches of `ds`; for buckets, each batch from one bucket."
     kw = dict(num_workers=cfg.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
               collate_fn=collate_cached if isinstance(ds, CachedDataset) else collate)
-    if isinstance(ds, BucketDataset): return torch.utils.data.DataLoader(ds, batch_sampler=ds.batch_sampler(batch_size, shuffle), **kw)
+    bucketed = ds.base if isinstance(ds, CachedDataset) else ds
+    if isinstance(bucketed, BucketDataset):
+        return torch.utils.data.DataLoader(ds, batch_sampler=bucketed.batch_sampler(batch_size, shuffle), **kw)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **kw)
 
 def forget_accelerate_state():

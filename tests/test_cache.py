@@ -47,3 +47,21 @@ def test_merged_accumulation_trains_the_same_schedule_within_noise(demo_data, tm
     assert merged.lrs == pytest.approx(plain.lrs)
     spread = statistics.pstdev(plain.losses + merged.losses)
     assert abs(statistics.mean(merged.losses) - statistics.mean(plain.losses)) < 2 * spread
+
+
+@pytest.mark.parametrize("model", ["sd_lora:tiny-sd", "sd_lora:tiny-sdxl"])
+def test_cached_bucket_run_matches_the_uncached_bucket_run(demo_data, tmp_path, monkeypatch, model):
+    import sd_lora.train as T
+    shapes, original = [], T.training_loss
+    def spy(batch, *a, **kw):
+        if "latent_mean" in batch: shapes.append(tuple(batch["latent_mean"].shape[-2:]))
+        return original(batch, *a, **kw)
+    monkeypatch.setattr(T, "training_loss", spy)
+    kw = dict(pretrained_model_name_or_path=model, aspect_ratio_buckets=True, bucket_step=16, random_flip=True,
+              max_train_steps=6, train_batch_size=3)
+    plain = train(tiny_config(demo_data, tmp_path / "plain", cache_latents="off", **kw))
+    assert shapes == []
+    fast = train(tiny_config(demo_data, tmp_path / "fast", cache_latents="disk", **kw))
+    assert len(shapes) == 6 and any(h != w for h, w in shapes)  # cached latents of 3:2 and 2:3 buckets
+    assert fast.losses == pytest.approx(plain.losses, abs=1e-4)
+    assert all(torch.allclose(plain.lora[k], fast.lora[k], atol=1e-5) for k in plain.lora)

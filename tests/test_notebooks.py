@@ -5,50 +5,39 @@ matplotlib's backend and the working folder differ. Cells that `nbdev_test` skip
 `tst_flags` in settings.ini: gpu, slow) are left out here too; everything else must run without an error, and every
 lesson must show at least one picture.
 """
-import configparser
 import os
 import re
+import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbdev.process import NBProcessor
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith("_"))
-_ini = configparser.ConfigParser()
-_ini.read(ROOT / "settings.ini")
-SKIP_FLAGS = set(_ini["DEFAULT"].get("tst_flags", "").split())
+sys.path.insert(0, str(ROOT / "tools"))
+from run_nbs import skipped  # the rule tools/run_nbs.py refreshes outputs with: nbdev_test's
 
 
-def directives(source: str) -> dict[str, str]:
-    "The `#| name: value` lines at the top of a cell."
-    found = {}
-    for line in source.splitlines():
-        m = re.match(r"#\|\s*([\w-]+):?\s*(.*)", line.strip())
-        if not m: break
-        found[m[1]] = m[2].strip()
-    return found
-
-
-def runs_in_tests(cell) -> bool:
-    "False for the cells `nbdev_test` skips."
-    d = directives(cell.source)
-    return d.get("eval", "true").lower() != "false" and not SKIP_FLAGS & d.keys()
-
-
-def test_directives_are_read_like_nbdev():
-    assert directives("#| eval: false\nx = 1") == {"eval": "false"}
-    assert directives("#| slow\n#| export\nx = 1") == {"slow": "", "export": ""}
-    assert not runs_in_tests(nbformat.v4.new_code_cell("#| gpu\nimport torch"))
-    assert runs_in_tests(nbformat.v4.new_code_cell("#| export\ndef f(): pass"))
+def test_the_skip_rule_is_nbdev_tests():
+    cells = {"#| eval: false\nx = 1": True, "#| slow\n#| export\nx = 1": True, "#| gpu\nimport torch": True,
+             "#| export\ndef f(): pass": False, "x = 1": False}
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in cells])
+    with tempfile.TemporaryDirectory() as d:
+        nbformat.write(nb, Path(d) / "t.ipynb")
+        parsed = NBProcessor(Path(d) / "t.ipynb", process=True).nb.cells
+    assert [skipped(c) for c in parsed] == list(cells.values())
 
 
 def execute(path: Path) -> tuple[str|None, int]:
     "Run `path` in a fresh kernel as nbdev_test would; the error (or `None`) and how many pictures it showed."
     nb = nbformat.read(path, as_version=4)
-    nb.cells = [c for c in nb.cells if c.cell_type != "code" or runs_in_tests(c)]
+    parsed = NBProcessor(path, process=True).nb.cells  # same cells, with nbdev's reading of their directives
+    nb.cells = [c for c, p in zip(nb.cells, parsed) if c.cell_type != "code" or not skipped(p)]
     for cell in nb.cells:
         if cell.cell_type == "code": cell.outputs = []
     try: NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()

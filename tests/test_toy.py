@@ -1,12 +1,14 @@
-"The toy world: the shipped weights reach the base scores, a short LoRA learns purple and keeps the rest, the rebuild command runs."
+"The toy world: the shipped weights reach the base scores, short LoRAs learn purple and stripes and keep the rest, the rebuild command runs."
 import json
 import subprocess
 import sys
 from pathlib import Path
 import pytest
+from PIL import Image
 from sd_lora.models import TOY, resolve_model, load_pipeline
 from sd_lora.toy import BASE_COLOURS, NEW_COLOURS, COLOURS, SHAPES, world, read_colour, read_shape, prompts_for, sample, score
 from sd_lora.toy_lora import concept_data, teach_config, lora_scores
+from sd_lora.toy_texture import read_texture, read_stripe_colour, texture_data, texture_scores
 from sd_lora.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +72,19 @@ def test_rebuild_command_runs_a_few_steps(tmp_path):
     pipe = load_pipeline(str(out))
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype
     assert pipe.scheduler.config.timestep_spacing == "leading"
+
+
+def test_texture_evaluator_tells_striped_from_plain_in_every_colour():
+    plain, striped = world(list(COLOURS), 4, seed=12), world(list(COLOURS), 4, seed=12, texture="striped")
+    assert [read_texture(i) for i, _ in plain] == ["plain"] * len(plain)
+    assert [read_texture(i) for i, _ in striped] == ["striped"] * len(striped)
+    assert [read_stripe_colour(i) for i, _ in striped] == [t.split()[2] for _, t in striped]
+    assert read_texture(Image.new("RGB", (32, 32), "white")) == "none"
+
+
+def test_short_lora_learns_stripes_and_plain_prompts_stay_plain(tmp_path):
+    res = train(teach_config(texture_data(tmp_path / "data"), tmp_path / "lora", max_train_steps=200))
+    before, after = texture_scores(None, n=3, seed=5), texture_scores(res.lora_path, n=3, seed=5)
+    # 36 striped pictures: from near 0 to most of them is far beyond sampling noise at fixed seeds
+    assert after["striped"]["texture"] - before["striped"]["texture"] >= 0.5, (before, after)
+    assert after["plain"]["texture"] >= 0.85 and after["plain colours"]["colour"] >= 0.85, after

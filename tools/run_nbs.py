@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ["TQDM_DISABLE"] = "1"
 from execnb.nbio import read_nb, write_nb
 from execnb.shell import CaptureShell
 from nbdev.config import get_config
@@ -19,7 +17,7 @@ SKIP_FLAGS = set(get_config().get("tst_flags", "").split())
 
 
 def skipped(cell) -> bool:
-    "True for cells `nbdev_test` would not run."
+    "True for cells `nbdev_test` would not run (cells as `NBProcessor(path, process=True)` parses them)."
     if cell.cell_type != "code": return True
     directives = getattr(cell, "directives_", {}) or {}
     return directives.get("eval:", [""])[0].lower() == "false" or bool(SKIP_FLAGS & directives.keys())
@@ -42,6 +40,8 @@ def run_notebook(path: Path):
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ["TQDM_DISABLE"] = "1"
     for arg in sys.argv[1:]:
         run_notebook(Path(arg).resolve())
         print("ran", arg, flush=True)
