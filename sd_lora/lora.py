@@ -76,8 +76,11 @@ def unet_targets(spec: str|list[str]="attention", # a `TARGET_PRESETS` key, a co
 # %% ../nbs/03_lora.ipynb #91ae0502
 def lora_state_dict(model, # a UNet or text encoder carrying a LoRA adapter named "default"
                    ) -> dict[str, torch.Tensor]:
-    "A UNet's or text encoder's LoRA weights in diffusers' naming."
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    "A UNet's or text encoder's LoRA weights in diffusers' naming, every layer named the same way."
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    # diffusers renames only attention projections. A file that mixed its names with peft's (feed-forward, ResNet
+    # convs) would load wrongly: `load_lora_weights` picks one naming from the file's first key and drops the rest.
+    return {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in sd.items()}
 
 def unet_lora_state_dict(unet, # a UNet carrying a LoRA adapter named "default"
                         ) -> dict[str, torch.Tensor]:

@@ -16,14 +16,20 @@ def unet_out(unet):
     with torch.no_grad(): return unet(x, torch.tensor([20, 700]), text).sample
 
 
-def train_and_save(demo_data, tmp_path, **kw):
-    "Train three steps, save the outputs, and return the trained UNet's output on fixed inputs."
+def train_save(demo_data, tmp_path, **kw):
+    "Train three steps, save the outputs, and return the trained UNet."
     cfg = tiny_config(demo_data, tmp_path, max_train_steps=3, learning_rate=1e-2, lora_alpha=8, **kw)
     run = setup(cfg)
     train_loop(run)
     run.accelerator.end_training()
     unet = run.accelerator.unwrap_model(run.unet).eval()
     save_outputs(cfg, unet)
+    return unet
+
+
+def train_and_save(demo_data, tmp_path, **kw):
+    "Train three steps, save the outputs, and return the trained UNet and its output on fixed inputs."
+    unet = train_save(demo_data, tmp_path, **kw)
     return unet, unet_out(unet)
 
 
@@ -62,3 +68,19 @@ def test_inits_that_rewrite_the_base_are_refused():
     for init in ("pissa", "olora", "loftq"):
         with pytest.raises(ValueError, match="choose one of"): lora_config(init=init)
     with pytest.raises(SystemExit): parse_args(["--init_lora_weights", "pissa"])
+
+
+@pytest.mark.parametrize("model", ["sd_lora:tiny-sd", "sd_lora:tiny-sdxl"])
+def test_every_adapted_layer_loads_back_whatever_the_files_first_key(demo_data, tmp_path, model):
+    """diffusers' `load_lora_weights` picks the file's naming from its first key. Our files once mixed diffusers' names
+    (attention) with peft's (convs): where a conv key came first (SDXL, whose first down block has no attention),
+    every attention layer was silently dropped on load."""
+    unet = train_save(demo_data, tmp_path, target_modules="attention_ff_conv", pretrained_model_name_or_path=model)
+    pipe = load_pipeline(model)
+    pipe.load_lora_weights(tmp_path)
+    adapted = lambda u: {n: m for n, m in u.named_modules() if getattr(m, "lora_A", None)}
+    trained, loaded = adapted(unet), adapted(pipe.unet)
+    assert sorted(loaded) == sorted(trained) and any(".attn1." in n for n in loaded)
+    for n, m in trained.items():
+        (a,) = loaded[n].lora_A.values()
+        torch.testing.assert_close(a.weight, m.lora_A["default"].weight)
