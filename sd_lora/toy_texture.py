@@ -13,7 +13,8 @@ from .toy import (BASE_COLOURS, COLOURS, SHAPES, TEXTURES, caption, foreground, 
                          score, world, write_world)
 
 # %% auto #0
-__all__ = ['dark_fraction', 'read_texture', 'read_stripe_colour', 'texture_score', 'texture_data', 'texture_scores']
+__all__ = ['dark_fraction', 'read_texture', 'read_stripe_colour', 'texture_score', 'texture_data', 'texture_scores',
+           'texture_table']
 
 # %% ../nbs/07f_toy_texture.ipynb #22440c3b
 def dark_fraction(img: Image.Image, # an RGB picture
@@ -83,3 +84,14 @@ def texture_scores(lora_path: str|Path|None, # a LoRA file or folder; None score
     plain = sample(pipe, prompts_for(list(BASE_COLOURS)), n=n, seed=seed)
     textured = sample(pipe, [caption(c, s, texture) for c in BASE_COLOURS for s in SHAPES], n=n, seed=seed)
     return {texture: texture_score(textured), "plain": texture_score(plain), "plain colours": score(plain)}
+
+# %% ../nbs/07f_toy_texture.ipynb #0234fde1
+def texture_table(rows: dict[str, dict[str, dict[str, float]]], # label -> `texture_scores` result
+                 ) -> str:
+    "A markdown table of `texture_scores` results: textured prompts' texture, colour and shape, plain prompts' too."
+    head = ("| run | striped prompts: striped | their colour | their shape | plain prompts: plain | their colour | "
+            "their shape |\n|---|---|---|---|---|---|---|\n")
+    return head + "".join(f"| {k} | {r['striped']['texture']:.0%} | {r['striped']['colour']:.0%} | "
+                          f"{r['striped']['shape']:.0%} | {r['plain']['texture']:.0%} | "
+                          f"{r['plain colours']['colour']:.0%} | {r['plain colours']['shape']:.0%} |\n"
+                          for k, r in rows.items())
