@@ -6,6 +6,8 @@
 from __future__ import annotations
 import argparse
 import re
+import shutil
+import tempfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -20,13 +22,14 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import set_peft_model_state_dict
 from safetensors import safe_open
+from safetensors.torch import save_file
 from .core import quiet
 from .models import TINY_SD, load_pipeline
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'PICKLE_SUFFIXES', 'set_scheduler', 'inference_pipeline', 'generate', 'find_lora_file',
-           'lora_mismatches', 'check_lora_fits', 'adapter_names', 'load_lora', 'set_lora_weights', 'merge_adapters',
-           'comparison_grid', 'weight_sweep', 'parse_lora_arg', 'generate_cli']
+           'lora_mismatches', 'check_lora_fits', 'adapter_names', 'load_lora', 'one_naming_copy', 'layers_not_loaded',
+           'set_lora_weights', 'merge_adapters', 'comparison_grid', 'weight_sweep', 'parse_lora_arg', 'generate_cli']
 
 # %% ../nbs/07_inference.ipynb #4aacc2b6
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
@@ -179,12 +182,51 @@ def load_lora(pipe, # the pipeline to add the adapter to
                          f"first with pipe.delete_adapters({adapter_name!r})")
     file = find_lora_file(path, allow_pickle)
     check_lora_fits(pipe, file)
-    with warnings.catch_warnings():  # peft warns about a second adapter in a model; here that is the point
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+    fixed = one_naming_copy(file)
+    if fixed is not None:
+        warnings.warn(f"{str(file)!r} names its UNet layers two ways (sd_lora wrote such files for feed-forward and "
+                      "conv targets before 2026-11-30), and diffusers' loader would drop some of them: loading a "
+                      "corrected copy. Save it again with the current sd_lora to silence this.")
+    src = fixed or file
+    try:
+        with warnings.catch_warnings():  # peft warns about a second adapter in a model; here that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            pipe.load_lora_weights(str(src.parent), weight_name=src.name, adapter_name=adapter_name)
+    finally:
+        if fixed is not None: shutil.rmtree(fixed.parent, ignore_errors=True)
+    dropped = layers_not_loaded(pipe, file, adapter_name)
+    if dropped:
+        pipe.delete_adapters(adapter_name)
+        raise ValueError(f"diffusers loaded only part of {str(file)!r}: {len(dropped)} of its layers were dropped, "
+                         f"e.g. {', '.join(dropped[:3])}. The pipeline is left without it. Check that the file's keys "
+                         "follow one naming (diffusers' or peft's), or load its layers with peft directly")
     return pipe
 
-# %% ../nbs/07_inference.ipynb #13577cbd
+def one_naming_copy(file: Path, # a `.safetensors` LoRA file
+                   ) -> Path|None:
+    "A copy (in a temporary folder) of a file whose UNet keys mix diffusers' and peft's names, in one naming; else `None`."
+    if file.suffix != ".safetensors": return None
+    with safe_open(str(file), "pt") as f:
+        keys = [k for k in f.keys() if k.startswith("unet.")]
+        peft = any(".lora_A." in k or ".lora_B." in k for k in keys)
+        if not (peft and any(".lora.down." in k or ".lora.up." in k for k in keys)): return None
+        sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    one = lambda k: k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.") if k.startswith("unet.") else k
+    out = Path(tempfile.mkdtemp(prefix="sd_lora-")) / file.name
+    save_file({one(k): v for k, v in sd.items()}, str(out), metadata=meta)
+    return out
+
+def layers_not_loaded(pipe, # the pipeline the LoRA was loaded into
+                      file: Path, # the LoRA file
+                      adapter_name: str, # the name it was loaded under
+                     ) -> list[str]:
+    "The file's LoRA layers that did not end up in `pipe` under `adapter_name` (diffusers drops some silently)."
+    want = {f"{comp}.{name}" for comp, name, _, _ in _lora_layers(pipe, file)}
+    got = {f"{comp}.{n}" for comp in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, comp, None) is not None
+           for n, m in getattr(pipe, comp).named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
+    return sorted(want - got)
+
+# %% ../nbs/07_inference.ipynb #425bcae6
 def set_lora_weights(pipe, # a pipeline with adapters loaded
                      weights: dict[str, float], # adapter name -> weight; adapters not named are switched off
                     ):
@@ -197,7 +239,7 @@ def set_lora_weights(pipe, # a pipeline with adapters loaded
     pipe.set_adapters(list(weights), list(weights.values()))
     return pipe
 
-# %% ../nbs/07_inference.ipynb #cae0523f
+# %% ../nbs/07_inference.ipynb #aa31ed0e
 def _base_scale(layer, a: str) -> float:
     "alpha / r of adapter `a` in `layer` (alpha / sqrt(r) with rsLoRA), before any adapter weight."
     r = layer.r[a] ** 0.5 if layer.use_rslora.get(a, False) else layer.r[a]
@@ -225,7 +267,7 @@ def merge_adapters(model, # a UNet (or text encoder) carrying the adapters
     set_peft_model_state_dict(model, {k: v.detach().clone() for k, v in sd.items()}, adapter_name=name)
     return model
 
-# %% ../nbs/07_inference.ipynb #f0dbf151
+# %% ../nbs/07_inference.ipynb #9434c021
 def comparison_grid(rows: dict[str, list[Image.Image]], # row label -> one image per column
                     columns: list[str]|None=None, # column titles (e.g. the prompts)
                     size: float=1.8, # inches per image
@@ -258,7 +300,7 @@ def weight_sweep(pipe, # a pipeline with adapters loaded
         rows[f"{' + '.join(names)} x{w:g}"] = generate(pipe, prompts, **kwargs)
     return rows
 
-# %% ../nbs/07_inference.ipynb #6e8052f8
+# %% ../nbs/07_inference.ipynb #9dc4a422
 def parse_lora_arg(spec: str, # `PATH` or `PATH:WEIGHT`
                   ) -> tuple[str, float]:
     "Split a `--lora` value into the path and its weight (default 1)."

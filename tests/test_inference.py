@@ -315,3 +315,42 @@ def test_on_a_gpu_by_default_with_lora_weights_and_fusing(loras):
     live = pix(generate(pipe, PROMPTS, **KW))
     pipe.fuse_lora(adapter_names=["a", "b"])
     assert np.abs(pix(generate(pipe, PROMPTS, **KW)) - live).max() <= 2
+
+
+def _old_mixed_naming_lora(folder):
+    "A LoRA on the toy model's attention and convs, saved with the mixed naming of sd_lora before 2026-11-30."
+    import sd_lora.models as M
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    u = load_components(M.TOY).unet
+    add_lora(u, lora_config(target_modules=["to_q", "to_v", "conv1"]))
+    for n, p in u.named_parameters():
+        if "lora_B" in n: p.data.normal_(0, 0.05)
+    saved = save_lora(folder, u)
+    with safe_open(str(saved), "pt") as f: meta = f.metadata()
+    sd = load_file(saved)
+    save_file({k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.") if ".conv1." in k else k: v
+               for k, v in sd.items()}, str(saved), metadata=meta)
+    return u, saved
+
+
+def test_an_old_mixed_naming_file_loads_whole_with_a_warning(tmp_path):
+    import sd_lora.models as M
+    from sd_lora.inference import layers_not_loaded
+    u, saved = _old_mixed_naming_lora(tmp_path)
+    pipe = M.load_pipeline(M.TOY)
+    with pytest.warns(UserWarning, match="names its UNet layers two ways"): load_lora(pipe, tmp_path)
+    assert layers_not_loaded(pipe, saved, "default") == []
+    for n, m in u.named_modules():
+        if isinstance(m, LoraLayer):
+            torch.testing.assert_close(pipe.unet.get_submodule(n).lora_B["default"].weight, m.lora_B["default"].weight)
+
+
+def test_a_half_loaded_lora_is_refused_and_removed(tmp_path, monkeypatch):
+    import sd_lora.models as M
+    import sd_lora.inference as I
+    _old_mixed_naming_lora(tmp_path)
+    monkeypatch.setattr(I, "one_naming_copy", lambda f: None)  # as diffusers alone would load it
+    pipe = M.load_pipeline(M.TOY)
+    with pytest.raises(ValueError, match="layers were dropped"): load_lora(pipe, tmp_path)
+    assert I.adapter_names(pipe) == []
