@@ -5,6 +5,7 @@
 # %% ../nbs/06_launch.ipynb #c0e23d95
 from __future__ import annotations
 import os
+import sys
 import torch
 from accelerate import notebook_launcher
 from .config import TrainConfig
@@ -27,4 +28,9 @@ def launch_train(cfg: TrainConfig, # the run; set `cpu=True` for CPU processes
 def _with_threads(fn, cfg, threads):
     # CPU processes share the cores: more threads than cores makes PyTorch's waiting threads spin against each other
     if threads: torch.set_num_threads(threads)
-    return fn(cfg)
+    try: return fn(cfg)
+    except BaseException as e:  # the launcher re-raises only the first failure it sees, which may be a rank that
+        # merely lost its peer; each rank says its own error, so the root cause is always shown
+        sys.stderr.write(f"[rank {os.environ.get('RANK', '?')}] {type(e).__name__}: {e}\n")
+        sys.stderr.flush()
+        raise
