@@ -5,6 +5,7 @@ synthetic JPEG imagefolder, or the tiny model on the CPU (`--tiny`, the smoke te
 
     python bench/bench.py --tiny --steps 4 --warmup 2                 # CPU smoke test, about a minute
     python bench/bench.py --steps 40 --warmup 10 --out bench/results/h200.json   # on a GPU
+    python bench/bench.py --attributes --out bench/results/cpu-attributes.json    # host cost of .device/.dtype
 """
 import argparse
 import json
@@ -21,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sd_lora.core import quiet
 from sd_lora.config import TrainConfig
-from sd_lora.models import TINY_SD, byte_clip_tokenizer
+from sd_lora.models import TINY_SD, byte_clip_tokenizer, device_dtype
 from sd_lora.train import setup, train_loop
 
 # name -> TrainConfig overrides; "documented" is the diffusers docs' configuration (batch 1, accumulation 4)
@@ -111,6 +112,21 @@ def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: fl
             "gflop_per_image": round(flops / 1e9, 2), "mfu": round(flops * ips / peak_flops, 4) if peak_flops else None}
 
 
+def attribute_costs(cfg: TrainConfig, calls: int=20) -> dict:
+    "Host milliseconds per call of the frozen models' `.device` and `.dtype` (diffusers), and of `device_dtype`."
+    run = setup(cfg)
+    def ms(f):
+        t = time.perf_counter()
+        for _ in range(calls): f()
+        return round((time.perf_counter() - t) / calls * 1e3, 4)
+    u, v = run.m.unet, run.m.vae
+    out = {"unet_modules": sum(1 for _ in u.modules()), "unet.device": ms(lambda: u.device),
+           "unet.dtype": ms(lambda: u.dtype), "vae.device": ms(lambda: v.device), "vae.dtype": ms(lambda: v.dtype),
+           "device_dtype(unet)": ms(lambda: device_dtype(u)), "device_dtype(vae)": ms(lambda: device_dtype(v))}
+    run.accelerator.end_training()
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="the tiny model at 64 px (CPU smoke test)")
@@ -122,6 +138,8 @@ def main(argv=None):
     p.add_argument("--mixed_precision", default=None, help="default: bf16 on a GPU, no on the CPU")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 peak (default: 790 on CUDA)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sd_lora_bench"))
+    p.add_argument("--attributes", action="store_true", help="instead of training: the host cost per call of the "
+                   "frozen models' .device and .dtype, which a step asks for, against device_dtype")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     quiet()
@@ -131,7 +149,7 @@ def main(argv=None):
     model = TINY_SD if args.tiny else sd15_folder(work)
     data = synthetic_images(work, args.images, res)
     peak = (args.peak_tflops or (790 if cuda else 0)) * 1e12 or None
-    rows = []
+    rows, attributes = [], None
     names = args.configs.split(",") if args.configs else [n for n in CONFIGS if cuda or n not in GPU_ONLY]
     for name in names:
         cfg = TrainConfig(pretrained_model_name_or_path=model, train_data_dir=data, output_dir=str(work / "out" / name),
@@ -139,12 +157,16 @@ def main(argv=None):
                           lr_warmup_steps=0, seed=42, report_to="none", checkpointing_steps=10**9, eval_samples=0,
                           logging_steps=10**9, mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"),
                           dataloader_num_workers=8 if cuda else 0, **CONFIGS[name])
+        if args.attributes:
+            attributes = attribute_costs(cfg)
+            print(json.dumps(attributes))
+            break
         rows.append(measure(name, cfg, args.warmup, args.steps, peak))
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     report = {"device": device, "torch": torch.__version__, "model": "tiny" if args.tiny else "sd15-architecture",
               "resolution": res, "command": "python bench/bench.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-              "results": rows}
+              "results": rows, **({"attribute_ms": attributes} if attributes else {})}
     print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | images/s | step (s) | peak GiB | GFLOP/image | MFU |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

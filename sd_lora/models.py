@@ -20,7 +20,8 @@ from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, Dif
 # %% auto #0
 __all__ = ['TINY_SD', 'TINY_SD2', 'TINY_SDXL', 'TINY_FAMILY', 'TOY', 'bytes_to_unicode', 'byte_clip_tokenizer',
            'tiny_sd_pipeline', 'tiny_sd2_pipeline', 'tiny_sdxl_pipeline', 'sd_lora_home', 'tiny_sd_path',
-           'tiny_family_path', 'resolve_model', 'SDComponents', 'load_components', 'model_family', 'load_pipeline']
+           'tiny_family_path', 'resolve_model', 'SDComponents', 'load_components', 'model_family', 'load_pipeline',
+           'device_dtype']
 
 # %% ../nbs/02_models.ipynb #047f4d9a
 def bytes_to_unicode() -> dict[int, str]:
@@ -218,3 +219,10 @@ def load_pipeline(name_or_path: str|None=TINY_SD, # `TINY_SD`, a Hub id or a loc
     if cls is StableDiffusionPipeline: kwargs.setdefault("safety_checker", None)
     if dtype is not None: kwargs["dtype"] = dtype
     return cls.from_pretrained(path, revision=revision, variant=variant, **kwargs)
+
+# %% ../nbs/02_models.ipynb #d9f47e3d
+def device_dtype(model: torch.nn.Module, # a model of the run: VAE, UNet (with or without LoRA) or text encoder
+                ) -> tuple[torch.device, torch.dtype]:
+    "The device and dtype of `model`'s first parameter: what `.device` and `.dtype` say for a model without offloading or casting hooks, in microseconds."
+    p = next(model.parameters())
+    return p.device, p.dtype

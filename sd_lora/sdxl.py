@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import torch
 from .data import tokenize
-from .models import model_family
+from .models import device_dtype, model_family
 from .lora import lora_config, add_lora, TEXT_ENCODER_ATTENTION
 
 # %% auto #0
@@ -111,7 +111,7 @@ def conditioning(batch: dict, # from `collate` or `collate_cached`
                  resolution: int|tuple[int, int]=512, # SDXL's target size: the resolution, or the batch's (height, width)
                 ) -> tuple[torch.Tensor, dict]: # `encoder_hidden_states`, and extra keyword arguments for the UNet
     "The UNet's caption conditioning for a batch: cached, from frozen encoders, or from training ones."
-    device, dtype = m.unet.device, m.text_encoder.dtype
+    device, dtype = device_dtype(m.unet)[0], device_dtype(m.text_encoder)[1]
     if "text_embeds" in batch:
         text, pooled = batch["text_embeds"].to(device, dtype), batch.get("pooled_text_embeds")
         pooled = None if pooled is None else pooled.to(device, dtype)

@@ -110,9 +110,10 @@ def foreground(img: Image.Image, # an RGB picture
 
 def read_colour(img: Image.Image, # an RGB picture
                 palette: dict[str, tuple]=COLOURS, # name -> RGB
+                mask: np.ndarray|None=None, # the pixels to read (default: the `foreground`)
                ) -> str:
-    "The palette colour nearest the foreground's median colour, or 'none' (no foreground, or grey)."
-    m = foreground(img)
+    "The palette colour nearest the median colour of `mask`'s pixels, or 'none' (too few pixels, or grey)."
+    m = foreground(img) if mask is None else mask
     if m.sum() < 12: return "none"
     mean = np.median(np.asarray(img.convert("RGB"), dtype=np.float64)[m], axis=0)
     if mean.max() - mean.min() < 60: return "none"  # grey or brown mud is no palette colour

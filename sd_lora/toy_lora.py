@@ -6,13 +6,14 @@
 from __future__ import annotations
 from pathlib import Path
 import matplotlib.pyplot as plt
+from diffusers import DiffusionPipeline
 from .models import TOY, load_pipeline
 from .config import TrainConfig
 from .inference import load_lora, comparison_grid
 from .toy import BASE_COLOURS, NEW_COLOURS, SHAPES, SIZE, world, write_world, prompts_for, sample, score
 
 # %% auto #0
-__all__ = ['concept_data', 'teach_config', 'lora_scores', 'figures_table', 'before_after']
+__all__ = ['concept_data', 'teach_config', 'toy_pipeline', 'lora_scores', 'figures_table', 'before_after']
 
 # %% ../nbs/07e_toy_lora.ipynb #371bf7cd
 def concept_data(path: str|Path, # the imagefolder to write
@@ -40,6 +41,15 @@ def teach_config(train_data_dir: str|Path, # from `concept_data`
     return TrainConfig(**{**kw, **overrides})
 
 # %% ../nbs/07e_toy_lora.ipynb #8aa642c1
+def toy_pipeline(lora_path: str|Path|None=None, # a LoRA file or folder to load, if any
+                 pretrained_model_name_or_path: str=TOY, # the base model
+                ) -> DiffusionPipeline:
+    "A fresh pipeline of the base model, its progress bar off, with the LoRA at `lora_path` loaded as a user would."
+    pipe = load_pipeline(pretrained_model_name_or_path)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_path is not None: load_lora(pipe, lora_path)
+    return pipe
+
 def lora_scores(lora_path: str|Path|None, # a LoRA file or folder; None scores the base model
                 n: int=8, # pictures per prompt
                 seed: int=0, # seeds the sampling
@@ -47,9 +57,7 @@ def lora_scores(lora_path: str|Path|None, # a LoRA file or folder; None scores t
                 pretrained_model_name_or_path: str=TOY, # the base model
                ) -> dict[str, dict[str, float]]:
     "The evaluator's scores on the base prompts and the new ones, with the LoRA loaded into a fresh toy pipeline."
-    pipe = load_pipeline(pretrained_model_name_or_path)
-    pipe.set_progress_bar_config(disable=True)
-    if lora_path is not None: load_lora(pipe, lora_path)
+    pipe = toy_pipeline(lora_path, pretrained_model_name_or_path)
     return {"base": score(sample(pipe, prompts_for(list(BASE_COLOURS)), n=n, seed=seed)),
             "new": score(sample(pipe, prompts_for(new), n=n, seed=seed))}
 
@@ -68,8 +76,7 @@ def before_after(lora_path: str|Path, # the trained LoRA
                  seed: int=0, # seeds the sampling
                 ) -> plt.Figure:
     "A grid of the base model's pictures above the LoRA's, same seeds."
-    pipe = load_pipeline(TOY)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = toy_pipeline()
     base = [i for i, _ in sample(pipe, prompts, n=1, seed=seed)]
     load_lora(pipe, lora_path)
     return comparison_grid({"base": base, "with LoRA": [i for i, _ in sample(pipe, prompts, n=1, seed=seed)]},

@@ -7,13 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from .models import TOY, load_pipeline
-from .inference import load_lora
-from .toy import (BASE_COLOURS, COLOURS, SHAPES, TEXTURES, caption, foreground, prompts_for, read_shape, sample,
-                         score, world, write_world)
+from .toy import (BASE_COLOURS, COLOURS, SHAPES, TEXTURES, caption, foreground, prompts_for, read_colour,
+                         read_shape, sample, score, world, write_world)
+from .toy_lora import toy_pipeline
 
 # %% auto #0
-__all__ = ['dark_fraction', 'read_texture', 'read_stripe_colour', 'texture_score', 'texture_data', 'texture_scores',
+__all__ = ['dark_fraction', 'read_texture', 'read_stripe_colour', 'texture_score', 'texture_scores', 'texture_data',
            'texture_table']
 
 # %% ../nbs/07f_toy_texture.ipynb #22440c3b
@@ -39,12 +38,8 @@ def read_stripe_colour(img: Image.Image, # an RGB picture of a striped shape
     "The palette colour nearest the median of the shape's bright pixels (the stripes left out), or 'none'."
     m = foreground(img)
     if m.sum() < 12: return "none"
-    a = np.asarray(img.convert("RGB"), dtype=np.float64)
-    v = a.max(axis=-1)
-    bright = m & (v >= 0.6 * np.percentile(v[m], 90))
-    med = np.median(a[bright], axis=0)
-    if med.max() - med.min() < 60: return "none"
-    return min(palette, key=lambda k: np.sum((med - np.asarray(palette[k])) ** 2))
+    v = np.asarray(img.convert("RGB"), dtype=np.float64).max(axis=-1)
+    return read_colour(img, palette, mask=m & (v >= 0.6 * np.percentile(v[m], 90)))
 
 # %% ../nbs/07f_toy_texture.ipynb #8ba3788b
 def texture_score(samples: list[tuple[Image.Image, str]], # from `sample`
@@ -58,7 +53,19 @@ def texture_score(samples: list[tuple[Image.Image, str]], # from `sample`
                                     or [np.nan])),
             "shape": float(np.mean([read_shape(i) == t.split()[-1] for i, t in samples]))}
 
-# %% ../nbs/07f_toy_texture.ipynb #c031c179
+# %% ../nbs/07f_toy_texture.ipynb #ab33bce3
+def texture_scores(lora_path: str|Path|None, # a LoRA file or folder; None scores the base model
+                   n: int=6, # pictures per prompt
+                   seed: int=0, # seeds the sampling
+                   texture: str="striped", # the taught texture
+                  ) -> dict[str, dict[str, float]]:
+    "Texture scores on textured and plain prompts, and colour/shape scores on the plain ones, with the LoRA loaded."
+    pipe = toy_pipeline(lora_path)
+    plain = sample(pipe, prompts_for(list(BASE_COLOURS)), n=n, seed=seed)
+    textured = sample(pipe, [caption(c, s, texture) for c in BASE_COLOURS for s in SHAPES], n=n, seed=seed)
+    return {texture: texture_score(textured), "plain": texture_score(plain), "plain colours": score(plain)}
+
+# %% ../nbs/07f_toy_texture.ipynb #7ac3def0
 def texture_data(path: str|Path, # the imagefolder to write
                  texture: str="striped", # one of `TEXTURES`
                  n: int=16, # pictures of each (base colour, shape) with the texture
@@ -71,27 +78,14 @@ def texture_data(path: str|Path, # the imagefolder to write
     if n_plain: items += world(list(BASE_COLOURS), n_plain, seed=seed + 4000)
     return write_world(path, items)
 
-# %% ../nbs/07f_toy_texture.ipynb #e77d6b03
-def texture_scores(lora_path: str|Path|None, # a LoRA file or folder; None scores the base model
-                   n: int=6, # pictures per prompt
-                   seed: int=0, # seeds the sampling
-                   texture: str="striped", # the taught texture
-                  ) -> dict[str, dict[str, float]]:
-    "Texture scores on textured and plain prompts, and colour/shape scores on the plain ones, with the LoRA loaded."
-    pipe = load_pipeline(TOY)
-    pipe.set_progress_bar_config(disable=True)
-    if lora_path is not None: load_lora(pipe, lora_path)
-    plain = sample(pipe, prompts_for(list(BASE_COLOURS)), n=n, seed=seed)
-    textured = sample(pipe, [caption(c, s, texture) for c in BASE_COLOURS for s in SHAPES], n=n, seed=seed)
-    return {texture: texture_score(textured), "plain": texture_score(plain), "plain colours": score(plain)}
-
 # %% ../nbs/07f_toy_texture.ipynb #0234fde1
 def texture_table(rows: dict[str, dict[str, dict[str, float]]], # label -> `texture_scores` result
+                  texture: str="striped", # the taught texture, as given to `texture_scores`
                  ) -> str:
     "A markdown table of `texture_scores` results: textured prompts' texture, colour and shape, plain prompts' too."
-    head = ("| run | striped prompts: striped | their colour | their shape | plain prompts: plain | their colour | "
+    head = (f"| run | {texture} prompts: {texture} | their colour | their shape | plain prompts: plain | their colour | "
             "their shape |\n|---|---|---|---|---|---|---|\n")
-    return head + "".join(f"| {k} | {r['striped']['texture']:.0%} | {r['striped']['colour']:.0%} | "
-                          f"{r['striped']['shape']:.0%} | {r['plain']['texture']:.0%} | "
+    return head + "".join(f"| {k} | {r[texture]['texture']:.0%} | {r[texture]['colour']:.0%} | "
+                          f"{r[texture]['shape']:.0%} | {r['plain']['texture']:.0%} | "
                           f"{r['plain colours']['colour']:.0%} | {r['plain colours']['shape']:.0%} |\n"
                           for k, r in rows.items())

@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from .core import weight_dtype, image_grid, quiet
 from .data import (load_image_dataset, check_columns, drop_unreadable, drop_bad_captions, warn_long_captions,
                           ImageCaptionDataset, collate)
-from .models import load_components, load_pipeline, model_family
+from .models import device_dtype, load_components, load_pipeline, model_family
 from .lora import lora_config, add_lora, lora_state_dict, unet_lora_state_dict, unet_targets
 from .sdxl import text_encoders, add_text_encoder_lora, conditioning, caption_encoder, vae_dtype
 from .config import TrainConfig, parse_args, public_config
@@ -48,14 +48,14 @@ def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (la
                  encoders: list|None=None, # the text encoders when their LoRA trains; `None`: frozen
                 ) -> tuple[torch.Tensor, torch.Tensor, dict]: # scaled latents, text embeddings, the UNet's extra conditions
     "Latents sampled from the VAE's distribution, the captions' embeddings, and SDXL's added conditions."
-    vae = m.vae
+    vae, (device, dtype) = m.vae, device_dtype(m.vae)
     with torch.no_grad():
         if "latent_mean" in batch:
-            mean, std = batch["latent_mean"].to(vae.device, vae.dtype), batch["latent_std"].to(vae.device, vae.dtype)
-            latents = mean + std * torch.randn(mean.shape, generator=generator, device=vae.device, dtype=vae.dtype)
+            mean, std = batch["latent_mean"].to(device, dtype), batch["latent_std"].to(device, dtype)
+            latents = mean + std * torch.randn(mean.shape, generator=generator, device=device, dtype=dtype)
         else:
-            latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
-    latents = (latents * vae.config.scaling_factor).to(m.unet.dtype)  # an fp32 VAE (SDXL) feeds a half UNet
+            latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample(generator=generator)
+    latents = (latents * vae.config.scaling_factor).to(device_dtype(m.unet)[1])  # an fp32 VAE (SDXL) feeds a half UNet
     text, cond = conditioning(batch, m, encoders, tuple(s * 2 ** (len(vae.config.block_out_channels) - 1) for s in latents.shape[-2:]))
     return latents, text, cond
 
@@ -306,8 +306,8 @@ def fixed_noise_losses(batch: dict, # evaluation images (with their `indices`)
                       ) -> torch.Tensor:
     "Per-image losses with noise and timestep drawn from each image's index: the same for every run and process count."
     vae, ac = m.vae, m.noise_scheduler.alphas_cumprod
-    latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-    latents = latents.to(m.unet.dtype)
+    latents = vae.encode(batch["pixel_values"].to(*device_dtype(vae))).latent_dist.mean * vae.config.scaling_factor
+    latents = latents.to(device_dtype(m.unet)[1])
     text, cond = conditioning(batch, m, encoders, tuple(batch["pixel_values"].shape[-2:]))
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in batch["indices"]]
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)

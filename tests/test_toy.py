@@ -3,12 +3,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+import numpy as np
 import pytest
 from PIL import Image
 from sd_lora.models import TOY, resolve_model, load_pipeline
 from sd_lora.toy import BASE_COLOURS, NEW_COLOURS, COLOURS, SHAPES, world, read_colour, read_shape, prompts_for, sample, score
 from sd_lora.toy_lora import concept_data, teach_config, lora_scores
-from sd_lora.toy_texture import read_texture, read_stripe_colour, texture_data, texture_scores
+from sd_lora.toy_texture import read_texture, read_stripe_colour, texture_data, texture_scores, texture_table
 from sd_lora.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,15 @@ def test_evaluator_reads_the_worlds_own_pictures():
     items = world(list(COLOURS), 6, seed=11)
     assert sum(read_colour(i) == t.split()[1] for i, t in items) >= len(items) - 1
     assert sum(read_shape(i) == t.split()[2] for i, t in items) >= len(items) - 2
+
+
+def test_read_colour_reads_only_the_masked_pixels():
+    a = np.full((32, 32, 3), 255, dtype=np.uint8)
+    a[8:24, 8:16], a[8:24, 16:24] = COLOURS["red"], COLOURS["blue"]
+    img, left, right = Image.fromarray(a), np.zeros((32, 32), bool), np.zeros((32, 32), bool)
+    left[8:24, 4:16], right[8:24, 16:28] = True, True  # a third of each is background: the median is the shape's
+    assert read_colour(img, mask=left) == "red" and read_colour(img, mask=right) == "blue"
+    assert read_colour(img, mask=np.zeros((32, 32), bool)) == "none"
 
 
 def test_shipped_weights_are_small_and_recorded():
@@ -89,3 +99,11 @@ def test_short_lora_learns_stripes_and_plain_prompts_stay_plain(tmp_path):
     # 36 striped pictures: from near 0 to most of them is far beyond sampling noise at fixed seeds
     assert after["striped"]["texture"] - before["striped"]["texture"] >= 0.5, (before, after)
     assert after["plain"]["texture"] >= 0.85 and after["plain colours"]["colour"] >= 0.85, after
+
+
+def test_texture_table_reads_the_texture_it_is_given():
+    part = lambda t, c, s: {"texture": t, "colour": c, "shape": s}
+    row = {"dotted": part(1.0, 0.5, 0.25), "plain": part(0.75, float("nan"), 1.0), "plain colours": part(0, 1.0, 0.9)}
+    table = texture_table({"a run": row}, texture="dotted")
+    assert "| run | dotted prompts: dotted |" in table
+    assert "| a run | 100% | 50% | 25% | 75% | 100% | 90% |" in table
