@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sd_lora.models import TOY, resolve_model, load_pipeline
 from sd_lora.toy import BASE_COLOURS, NEW_COLOURS, COLOURS, SHAPES, world, read_colour, read_shape, prompts_for, sample, score
-from sd_lora.toy_lora import concept_data, teach_config, lora_scores
+from sd_lora.toy_lora import concept_data, teach_config, lora_scores, toy_pipeline
 from sd_lora.toy_texture import read_texture, read_stripe_colour, texture_data, texture_scores, texture_table
 from sd_lora.train import train
 
@@ -99,6 +99,12 @@ def test_short_lora_learns_stripes_and_plain_prompts_stay_plain(tmp_path):
     # 36 striped pictures: from near 0 to most of them is far beyond sampling noise at fixed seeds
     assert after["striped"]["texture"] - before["striped"]["texture"] >= 0.5, (before, after)
     assert after["plain"]["texture"] >= 0.85 and after["plain colours"]["colour"] >= 0.85, after
+    # the scores sample with the LoRA fused (faster); fused or not, a LoRA on attention, feed-forward and convs
+    # draws the same pictures to a pixel level
+    prompts = ["a red striped circle", "a blue square"]
+    unfused, fused = (np.stack([np.asarray(i, dtype=float) for i, _ in sample(p, prompts, n=2, seed=0)])
+                      for p in (toy_pipeline(res.lora_path, fuse=False), toy_pipeline(res.lora_path)))
+    assert np.abs(unfused - fused).max() <= 3
 
 
 def test_texture_table_reads_the_texture_it_is_given():
