@@ -8,6 +8,7 @@ synthetic JPEG imagefolder, or the tiny model on the CPU (`--tiny`, the smoke te
     python bench/bench.py --attributes --out bench/results/cpu-attributes.json    # host cost of .device/.dtype
 """
 import argparse
+import gc
 import json
 import os
 import platform
@@ -149,7 +150,13 @@ def main(argv=None):
     model = TINY_SD if args.tiny else sd15_folder(work)
     data = synthetic_images(work, args.images, res)
     peak = (args.peak_tflops or (790 if cuda else 0)) * 1e12 or None
-    rows, attributes = [], None
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    rows = []
+    report = {"device": device, "torch": torch.__version__, "model": "tiny" if args.tiny else "sd15-architecture",
+              "resolution": res, "command": "python bench/bench.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+              "results": rows}
+    def save():  # after every configuration: a run stopped by a time limit keeps what it measured
+        if args.out: Path(args.out).write_text(json.dumps(report, indent=2))
     names = args.configs.split(",") if args.configs else [n for n in CONFIGS if cuda or n not in GPU_ONLY]
     for name in names:
         cfg = TrainConfig(pretrained_model_name_or_path=model, train_data_dir=data, output_dir=str(work / "out" / name),
@@ -158,22 +165,24 @@ def main(argv=None):
                           logging_steps=10**9, mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"),
                           dataloader_num_workers=8 if cuda else 0, **CONFIGS[name])
         if args.attributes:
-            attributes = attribute_costs(cfg)
-            print(json.dumps(attributes))
+            report["attribute_ms"] = attribute_costs(cfg)
+            print(json.dumps(report["attribute_ms"]))
             break
-        rows.append(measure(name, cfg, args.warmup, args.steps, peak))
-        print(json.dumps(rows[-1]), flush=True)
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    report = {"device": device, "torch": torch.__version__, "model": "tiny" if args.tiny else "sd15-architecture",
-              "resolution": res, "command": "python bench/bench.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-              "results": rows, **({"attribute_ms": attributes} if attributes else {})}
+        try: row = measure(name, cfg, args.warmup, args.steps, peak)
+        except Exception as e:  # one failing configuration (no bitsandbytes, a compiler error) must not cost the others
+            row = {"config": name, "error": f"{type(e).__name__}: {e}"[:600]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save()
+        gc.collect()
+        if cuda: torch.cuda.empty_cache()
     print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | images/s | step (s) | peak GiB | GFLOP/image | MFU |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['batch']} x {r['accumulation']} | {r['images_per_s']} | {r['step_s']} | "
-              f"{r['peak_mem_gib']} | {r['gflop_per_image']} | {r['mfu']} |")
-    if args.out: Path(args.out).write_text(json.dumps(report, indent=2))
-
+        if "error" in r: print(f"| {r['config']} | failed: {r['error'][:120]} | | | | | |")
+        else: print(f"| {r['config']} | {r['batch']} x {r['accumulation']} | {r['images_per_s']} | {r['step_s']} | "
+                    f"{r['peak_mem_gib']} | {r['gflop_per_image']} | {r['mfu']} |")
+    save()
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,11 @@
 "The benchmark harness runs (a smoke test on the tiny model; no time is asserted)."
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 
 def test_bench_smoke(tmp_path):
@@ -28,3 +32,28 @@ def test_bench_attributes_mode_reports_the_per_call_costs(tmp_path):
     assert set(costs) == {"unet_modules", "unet.device", "unet.dtype", "vae.device", "vae.dtype", "device_dtype(unet)",
                           "device_dtype(vae)"}
     assert costs["unet_modules"] > 100 and all(v > 0 for v in costs.values())
+
+
+def test_a_failing_configuration_is_recorded_and_the_others_still_run(tmp_path):
+    "One configuration that cannot run (here 8-bit Adam without bitsandbytes) must not cost a GPU session the rest."
+    if importlib.util.find_spec("bitsandbytes"): pytest.skip("bitsandbytes is installed: 8-bit Adam would run")
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "bench/bench.py", "--tiny", "--steps", "1", "--warmup", "1", "--images", "8",
+                        "--configs", "b8-8bit-adam,documented", "--workdir", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    failed, measured = json.loads(out.read_text())["results"]
+    assert failed["config"] == "b8-8bit-adam" and "bitsandbytes" in failed["error"]
+    assert measured["config"] == "documented" and measured["images_per_s"] > 0
+
+
+def test_the_gpu_check_rehearses_on_the_cpu(tmp_path):
+    "bench/gpu_check.sh, the script a GPU session runs on the device, works end to end on the tiny model."
+    env = {**os.environ, "OUT": str(tmp_path), "SD_LORA_GPU_CHECK_TINY": "1",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    r = subprocess.run(["bash", "bench/gpu_check.sh"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "diffusers" in (tmp_path / "versions.txt").read_text()
+    rows = json.loads((tmp_path / "h200.json").read_text())["results"]
+    assert [row["config"] for row in rows] == ["documented", "documented-merged", "b8"]
+    assert all(row["images_per_s"] > 0 for row in rows)
