@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from .core import quiet
 from .models import TINY_SD, load_pipeline
+from .lora import diffusers_lora_key
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'PICKLE_SUFFIXES', 'set_scheduler', 'inference_pipeline', 'generate', 'find_lora_file',
@@ -211,7 +212,7 @@ def one_naming_copy(file: Path, # a `.safetensors` LoRA file
         peft = any(".lora_A." in k or ".lora_B." in k for k in keys)
         if not (peft and any(".lora.down." in k or ".lora.up." in k for k in keys)): return None
         sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    one = lambda k: k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.") if k.startswith("unet.") else k
+    one = lambda k: diffusers_lora_key(k) if k.startswith("unet.") else k
     out = Path(tempfile.mkdtemp(prefix="sd_lora-")) / file.name
     save_file({one(k): v for k, v in sd.items()}, str(out), metadata=meta)
     return out

@@ -15,8 +15,8 @@ from .models import model_family
 
 # %% auto #0
 __all__ = ['UNET_ATTENTION', 'LORA_INITS', 'TARGET_PRESETS', 'TEXT_ENCODER_ATTENTION', 'KOHYA_BASE', 'lora_config', 'add_lora',
-           'lora_init', 'unet_targets', 'lora_state_dict', 'unet_lora_state_dict', 'adapter_metadata', 'save_lora',
-           'kohya_state_dict', 'save_kohya']
+           'lora_init', 'unet_targets', 'diffusers_lora_key', 'lora_state_dict', 'unet_lora_state_dict',
+           'adapter_metadata', 'save_lora', 'kohya_state_dict', 'save_kohya']
 
 # %% ../nbs/03_lora.ipynb #44a54157
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the reference script's UNet targets
@@ -74,13 +74,18 @@ def unet_targets(spec: str|list[str]="attention", # a `TARGET_PRESETS` key, a co
     return names
 
 # %% ../nbs/03_lora.ipynb #91ae0502
+def diffusers_lora_key(key: str, # a LoRA weight's name
+                      ) -> str:
+    "The name in diffusers' naming: peft's `lora_A` / `lora_B` become `lora.down` / `lora.up`."
+    return key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")
+
 def lora_state_dict(model, # a UNet or text encoder carrying a LoRA adapter named "default"
                    ) -> dict[str, torch.Tensor]:
     "A UNet's or text encoder's LoRA weights in diffusers' naming, every layer named the same way."
     sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
     # diffusers renames only attention projections. A file that mixed its names with peft's (feed-forward, ResNet
     # convs) would load wrongly: `load_lora_weights` picks one naming from the file's first key and drops the rest.
-    return {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in sd.items()}
+    return {diffusers_lora_key(k): v for k, v in sd.items()}
 
 def unet_lora_state_dict(unet, # a UNet carrying a LoRA adapter named "default"
                         ) -> dict[str, torch.Tensor]:
