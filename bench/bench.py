@@ -6,6 +6,7 @@ synthetic JPEG imagefolder, or the tiny model on the CPU (`--tiny`, the smoke te
     python bench/bench.py --tiny --steps 4 --warmup 2                 # CPU smoke test, about a minute
     python bench/bench.py --steps 40 --warmup 10 --out bench/results/h200.json   # on a GPU
     python bench/bench.py --attributes --out bench/results/cpu-attributes.json    # host cost of .device/.dtype
+    python bench/bench.py --memory --configs documented,b8 --mixed_precision bf16    # where a step's memory goes
 """
 import argparse
 import gc
@@ -24,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sd_lora.core import quiet
 from sd_lora.config import TrainConfig
 from sd_lora.models import TINY_SD, byte_clip_tokenizer, device_dtype
-from sd_lora.train import setup, train_loop
+from sd_lora.train import setup, train_loop, training_loss
 
 # name -> TrainConfig overrides; "documented" is the diffusers docs' configuration (batch 1, accumulation 4)
 CONFIGS = {
@@ -34,14 +35,24 @@ CONFIGS = {
     "b8": dict(train_batch_size=8), "b16": dict(train_batch_size=16), "b32": dict(train_batch_size=32),
     # memory options, each against plain b8
     "b8-checkpointing": dict(train_batch_size=8, gradient_checkpointing=True),
+    "documented-merged-checkpointing": dict(train_batch_size=1, gradient_accumulation_steps=4, merge_accumulation=True,
+                                            gradient_checkpointing=True),
     "b8-8bit-adam": dict(train_batch_size=8, use_8bit_adam=True),
-    # compiled transformer blocks (inductor generates code: minutes on a CPU, so GPU only by default)
+    # the frozen weights in fp32 and no autocast, against the half-precision default (on a GPU; the CPU's default is fp32)
+    "documented-fp32": dict(train_batch_size=1, gradient_accumulation_steps=4, mixed_precision="no"),
+    # compiled transformer blocks (inductor generates code: minutes on a CPU, where it gains nothing; GPU only by default)
     "documented-compiled": dict(train_batch_size=1, gradient_accumulation_steps=4, merge_accumulation=True,
                                 dynamo_backend="inductor"),
     "b8-compiled": dict(train_batch_size=8, dynamo_backend="inductor"),
+    # the same with CUDA graphs (inductor's reduce-overhead), of the blocks or of the whole UNet (longer to compile)
+    "documented-graphs": dict(train_batch_size=1, gradient_accumulation_steps=4, merge_accumulation=True,
+                              dynamo_backend="inductor", dynamo_mode="reduce-overhead"),
+    "documented-unet-graphs": dict(train_batch_size=1, gradient_accumulation_steps=4, merge_accumulation=True,
+                                   dynamo_backend="inductor", dynamo_mode="reduce-overhead", dynamo_scope="unet"),
+    "b8-unet-compiled": dict(train_batch_size=8, dynamo_backend="inductor", dynamo_scope="unet"),
     "b32-compiled": dict(train_batch_size=32, dynamo_backend="inductor"),
 }
-GPU_ONLY = {"b8-8bit-adam", "documented-compiled", "b8-compiled", "b32-compiled"}  # bitsandbytes needs CUDA
+GPU_ONLY = {"b8-8bit-adam"} | {n for n in CONFIGS if "compiled" in n or "graphs" in n}  # bitsandbytes needs CUDA
 
 
 def sd15_folder(root: Path) -> str:
@@ -108,7 +119,7 @@ def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: fl
     ips = images_per_step / step_s
     return {"config": name, "batch": cfg.train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
             "cache": cfg.cache_latents, "merged": cfg.merge_accumulation, "images_per_s": round(ips, 2),
-            "step_s": round(step_s, 4),
+            "step_s": round(step_s, 4), "mean_loss": round(sum(h.losses[warmup:]) / steps, 4),  # same seed: same maths?
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "gflop_per_image": round(flops / 1e9, 2), "mfu": round(flops * ips / peak_flops, 4) if peak_flops else None}
 
@@ -128,6 +139,47 @@ def attribute_costs(cfg: TrainConfig, calls: int=20) -> dict:
     return out
 
 
+def storage_mib(tensors) -> float:
+    "MiB of the distinct storages behind `tensors` (views and tied weights counted once)."
+    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return round(sum(sizes.values()) / 2**20, 2)
+
+
+def memory_breakdown(cfg: TrainConfig) -> dict:
+    """MiB by kind in one micro-step of `cfg`, counted tensor by tensor, on any device: the frozen weights, the LoRA
+    weights, their gradients, AdamW's state, and the activations autograd keeps from the forward pass for the
+    backward (what gradient checkpointing shrinks). Buffers that live only inside one layer are not counted, so the
+    sum is a lower bound of the peak that `torch.cuda.max_memory_allocated` reports on a GPU."""
+    run = setup(cfg)
+    m = run.m
+    modules = [m.unet, m.vae, m.text_encoder, getattr(m, "text_encoder_2", None)]
+    weights = [p for mod in modules if mod is not None for p in mod.parameters()]
+    lora = [p for p in weights if p.requires_grad]
+    known = {p.untyped_storage().data_ptr() for p in weights}
+    saved = []
+    def keep(t):  # called for every tensor that autograd saves for the backward pass
+        if t.untyped_storage().data_ptr() not in known: saved.append(t)
+        return t
+    batch = next(iter(run.dataloader))  # a micro-batch, or the merged batch with --merge_accumulation
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = training_loss(batch, m, run.unet, run.generator, run.prediction_type, cfg.snr_gamma, cfg.noise_offset,
+                             run.text_encoders or None)
+    activations = storage_mib(saved)
+    saved.clear()
+    loss.backward()
+    grads = storage_mib([p.grad for p in lora if p.grad is not None])
+    run.optimizer.optimizer.step()
+    state = [v for s in run.optimizer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    images = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]  # a small data set may cut a batch short
+    out = {"config": None, "batch": images,
+           "checkpointing": cfg.gradient_checkpointing, "weights_dtype": str(next(m.unet.parameters()).dtype).split(".")[-1],
+           "frozen_mib": storage_mib([p for p in weights if not p.requires_grad]), "lora_mib": storage_mib(lora),
+           "grad_mib": grads, "optimizer_mib": storage_mib(state), "activations_mib": activations}
+    out["total_mib"] = round(sum(v for k, v in out.items() if k.endswith("_mib")), 2)
+    run.accelerator.end_training()
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="the tiny model at 64 px (CPU smoke test)")
@@ -141,10 +193,15 @@ def main(argv=None):
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sd_lora_bench"))
     p.add_argument("--attributes", action="store_true", help="instead of training: the host cost per call of the "
                    "frozen models' .device and .dtype, which a step asks for, against device_dtype")
+    p.add_argument("--memory", action="store_true", help="instead of timing: the memory of one micro-step by kind "
+                   "(weights, LoRA, gradients, optimizer state, saved activations), counted tensor by tensor")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     quiet()
     cuda = torch.cuda.is_available()
+    names = args.configs.split(",") if args.configs else [n for n in CONFIGS if (cuda or n not in GPU_ONLY)
+                                                                      and not (args.memory and CONFIGS[n].get("dynamo_backend"))]
+    if set(names) - set(CONFIGS): p.error(f"unknown --configs {sorted(set(names) - set(CONFIGS))}: choose from {list(CONFIGS)}")
     work = Path(args.workdir); work.mkdir(parents=True, exist_ok=True)
     res = 64 if args.tiny else 512
     model = TINY_SD if args.tiny else sd15_folder(work)
@@ -157,18 +214,17 @@ def main(argv=None):
               "results": rows}
     def save():  # after every configuration: a run stopped by a time limit keeps what it measured
         if args.out: Path(args.out).write_text(json.dumps(report, indent=2))
-    names = args.configs.split(",") if args.configs else [n for n in CONFIGS if cuda or n not in GPU_ONLY]
     for name in names:
         cfg = TrainConfig(pretrained_model_name_or_path=model, train_data_dir=data, output_dir=str(work / "out" / name),
                           resolution=res, random_flip=True, learning_rate=1e-4, lr_scheduler="constant",
                           lr_warmup_steps=0, seed=42, report_to="none", checkpointing_steps=10**9, eval_samples=0,
-                          logging_steps=10**9, mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"),
-                          dataloader_num_workers=8 if cuda else 0, **CONFIGS[name])
+                          logging_steps=10**9, **{"mixed_precision": args.mixed_precision or ("bf16" if cuda else "no"),
+                                                  "dataloader_num_workers": 8 if cuda else 0, **CONFIGS[name]})
         if args.attributes:
             report["attribute_ms"] = attribute_costs(cfg)
             print(json.dumps(report["attribute_ms"]))
             break
-        try: row = measure(name, cfg, args.warmup, args.steps, peak)
+        try: row = {**memory_breakdown(cfg), "config": name} if args.memory else measure(name, cfg, args.warmup, args.steps, peak)
         except Exception as e:  # one failing configuration (no bitsandbytes, a compiler error) must not cost the others
             row = {"config": name, "error": f"{type(e).__name__}: {e}"[:600]}
         rows.append(row)
@@ -176,12 +232,20 @@ def main(argv=None):
         save()
         gc.collect()
         if cuda: torch.cuda.empty_cache()
-    print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | images/s | step (s) | peak GiB | GFLOP/image | MFU |")
-    print("|---|---|---|---|---|---|---|")
+    if args.memory:
+        print(f"\n{device}, {report['model']} at {res} px, MiB\n| config | batch | frozen | LoRA | gradients | "
+              "optimizer | activations | total |\n|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['config']} | failed: {r['error'][:120]} |" if "error" in r else
+                  f"| {r['config']} | {r['batch']} | {r['frozen_mib']} | {r['lora_mib']} | {r['grad_mib']} | "
+                  f"{r['optimizer_mib']} | {r['activations_mib']} | {r['total_mib']} |")
+        return save()
+    print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | images/s | step (s) | peak GiB | GFLOP/image | MFU | mean loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "error" in r: print(f"| {r['config']} | failed: {r['error'][:120]} | | | | | |")
+        if "error" in r: print(f"| {r['config']} | failed: {r['error'][:120]} | | | | | | |")
         else: print(f"| {r['config']} | {r['batch']} x {r['accumulation']} | {r['images_per_s']} | {r['step_s']} | "
-                    f"{r['peak_mem_gib']} | {r['gflop_per_image']} | {r['mfu']} |")
+                    f"{r['peak_mem_gib']} | {r['gflop_per_image']} | {r['mfu']} | {r['mean_loss']} |")
     save()
 
 if __name__ == "__main__":

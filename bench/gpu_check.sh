@@ -56,10 +56,13 @@ EOF
 
 echo "== GPU-marked tests"
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cli.py tests/test_inference.py \
-  tests/test_inference_dispatch.py 2>&1 | tee "$OUT/pytest-gpu.log"
+  tests/test_inference_dispatch.py tests/test_train.py 2>&1 | tee "$OUT/pytest-gpu.log"
 
 echo "== throughput, most important first"
-CONFIGS=documented,documented-merged,b8,b32,documented-compiled,b8-compiled,b32-compiled,b8-checkpointing,b8-8bit-adam,b16,documented-plain
+# the documented run's candidates first, the slowest compilation (the whole UNet) late
+CONFIGS=documented,documented-merged,documented-graphs,documented-compiled,b8,b32,documented-merged-checkpointing
+CONFIGS=$CONFIGS,b8-compiled,b32-compiled,documented-unet-graphs,b8-checkpointing,b8-8bit-adam,documented-fp32,b16
+CONFIGS=$CONFIGS,documented-plain,b8-unet-compiled
 if [ -n "${SD_LORA_GPU_CHECK_TINY:-}" ]; then  # the CPU rehearsal: the tiny model, the CPU's configurations
   timeout 300 python3 bench/bench.py --tiny --steps 2 --warmup 1 --images 8 --configs documented,documented-merged,b8 \
     --out "$OUT/h200.json" 2>&1 | tee "$OUT/bench.log"

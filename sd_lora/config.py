@@ -81,7 +81,9 @@ class TrainConfig:
     cache_latents: str = "memory" # (sd_lora) encode images and captions once before training: memory, disk or off
     latent_cache_dir: str|None = None # (sd_lora) where the disk cache lives (default: output_dir/latent_cache)
     merge_accumulation: bool = False # (sd_lora) train each accumulation group as one batch: same gradients, fewer launches, more memory
-    dynamo_backend: str = "no" # (sd_lora) torch.compile the UNet's transformer blocks (which hold the LoRA) with this backend: "inductor" on GPUs
+    dynamo_backend: str = "no" # (sd_lora) torch.compile the UNet (see dynamo_scope) with this backend: "inductor" on GPUs
+    dynamo_mode: str = "default" # (sd_lora) inductor's compile mode: "reduce-overhead" replays CUDA graphs, "max-autotune-no-cudagraphs" tunes kernels
+    dynamo_scope: str = "blocks" # (sd_lora) what --dynamo_backend compiles: "blocks" (each transformer block kind once, seconds) or "unet" (all of it, minutes)
     max_bad_steps: int = 5 # (sd_lora) stop after this many steps in a row with NaN or Inf gradients (each is skipped)
     logging_steps: int = 10 # (sd_lora) read the loss back from the device every this many steps
     cpu: bool = False # (sd_lora) train on the CPU even if a GPU is present; needed for multi-process CPU runs
@@ -89,7 +91,8 @@ class TrainConfig:
     bucket_step: int = 64 # (sd_lora) bucket sides are multiples of this: 64 for SD's UNet, 16 for the tiny models
 
 # %% ../nbs/04b_config.ipynb #75f409f5
-CHOICES = {"mixed_precision": ["no", "fp16", "bf16"], "dynamo_backend": ["no", "inductor", "aot_eager", "eager", "cudagraphs"], "cache_latents": ["memory", "disk", "off"], "prediction_type": ["epsilon", "v_prediction"],
+CHOICES = {"mixed_precision": ["no", "fp16", "bf16"], "dynamo_backend": ["no", "inductor", "aot_eager", "eager", "cudagraphs"], "dynamo_mode": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+           "dynamo_scope": ["blocks", "unet"], "cache_latents": ["memory", "disk", "off"], "prediction_type": ["epsilon", "v_prediction"],
            "init_lora_weights": ["gaussian", "true", "false", "orthogonal"],
            "report_to": ["tensorboard", "wandb", "all", "none"],
            "lr_scheduler": ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],

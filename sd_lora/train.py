@@ -36,7 +36,7 @@ from .cache import build_cache, cache_key, data_fingerprint, CachedDataset, coll
 from .guards import preflight, StopSignals, TrainingInterrupted, nonfinite, skipping_step, check_finite_weights, NONFINITE_ADVICE
 
 # %% auto #0
-__all__ = ['encode_batch', 'training_loss', 'Run', 'make_optimizer', 'make_datasets', 'cached', 'data_loader',
+__all__ = ['encode_batch', 'training_loss', 'compile_unet', 'Run', 'make_optimizer', 'make_datasets', 'cached', 'data_loader',
            'forget_accelerate_state', 'setup', 'setup_models', 'apply_update', 'train_step', 'fixed_noise_losses',
            'evaluate', 'components_pipeline', 'log_validation', 'validate', 'History', 'epoch_batches',
            'stop_requested', 'log_step', 'train_loop', 'TrainResult', 'final_validation', 'train', 'main']
@@ -76,6 +76,22 @@ def training_loss(batch: dict, # from `collate` or `collate_cached`
     pred = unet(noisify(latents, noise, t, ac), t, text, **cond, return_dict=False)[0]
     weights = None if snr_gamma is None else min_snr_weights(t, ac, snr_gamma, prediction_type)
     return diffusion_loss(pred, target_for(prediction_type, latents, noise, t, ac), weights)
+
+# %% ../nbs/05_train.ipynb #2e1f817c
+def compile_unet(unet, # the UNet with its LoRA layers
+                 backend: str, # torch.compile's backend: "inductor" generates kernels; "aot_eager" only traces
+                 mode: str="default", # inductor's mode: "reduce-overhead" adds CUDA graphs, "max-autotune-no-cudagraphs" tunes kernels
+                 scope: str="blocks", # "blocks": each transformer block kind once (seconds); "unet": the whole UNet (minutes)
+                ):
+    "Compile `unet` in place for training, leaving its parameters and the maths unchanged."
+    if scope not in ("blocks", "unet"): raise ValueError(f"--dynamo_scope {scope!r}: choose 'blocks' or 'unet'")
+    if mode != "default" and backend != "inductor":
+        raise ValueError(f"--dynamo_mode {mode} is a mode of the inductor backend, not of {backend!r}: pass "
+                         "--dynamo_backend inductor, or leave --dynamo_mode out")
+    kw = {"backend": backend} | ({"mode": mode} if mode != "default" else {})
+    if scope == "blocks": unet.compile_repeated_blocks(**kw)  # each block kind compiles once and its copies reuse it
+    else: unet.compile(**kw)
+
 
 # %% ../nbs/05_train.ipynb #a377ceb8
 @dataclass
@@ -255,8 +271,7 @@ def setup_models(cfg: TrainConfig, # the run's settings
     for p in params + te_params: p.data = p.data.float()
     if cfg.gradient_checkpointing: m.unet.enable_gradient_checkpointing()
     if cfg.enable_xformers_memory_efficient_attention: _enable_xformers(m.unet)
-    # regional compilation: each transformer block compiles once and the copies reuse it; minutes instead of tens
-    if cfg.dynamo_backend != "no": m.unet.compile_repeated_blocks(backend=cfg.dynamo_backend)
+    if cfg.dynamo_backend != "no": compile_unet(m.unet, cfg.dynamo_backend, cfg.dynamo_mode, cfg.dynamo_scope)
     if cfg.prediction_type: m.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     return m, params, te_params
 

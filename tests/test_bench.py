@@ -57,3 +57,20 @@ def test_the_gpu_check_rehearses_on_the_cpu(tmp_path):
     rows = json.loads((tmp_path / "h200.json").read_text())["results"]
     assert [row["config"] for row in rows] == ["documented", "documented-merged", "b8"]
     assert all(row["images_per_s"] > 0 for row in rows)
+
+
+def test_memory_mode_breaks_a_step_down_by_kind(tmp_path):
+    "--memory counts one micro-step's tensors by kind: what batch size, checkpointing and the optimizer each cost."
+    out = tmp_path / "memory.json"
+    r = subprocess.run([sys.executable, "bench/bench.py", "--tiny", "--memory", "--images", "8", "--configs",
+                        "documented,b8,b8-checkpointing", "--workdir", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, eight, ckpt = json.loads(out.read_text())["results"]
+    assert (one["batch"], eight["batch"], ckpt["batch"]) == (1, 8, 8)
+    assert one["frozen_mib"] == eight["frozen_mib"] == ckpt["frozen_mib"] > 0
+    assert one["grad_mib"] == one["lora_mib"] > 0  # one fp32 gradient per fp32 LoRA weight
+    assert one["optimizer_mib"] == pytest.approx(2 * one["lora_mib"], rel=0.05)  # AdamW's two moments
+    assert eight["activations_mib"] == pytest.approx(8 * one["activations_mib"], rel=0.1)  # they grow with the batch
+    assert ckpt["activations_mib"] < eight["activations_mib"] / 2  # checkpointing keeps only the blocks' inputs
+    assert "| b8-checkpointing | 8 |" in r.stdout

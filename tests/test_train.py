@@ -127,13 +127,38 @@ def test_logged_loss_is_the_mean_over_the_micro_steps_taken(demo_data, tmp_path)
     assert accumulated.losses[1] == pytest.approx(single.losses[2], rel=1e-5)  # not halved
 
 
-def test_compiled_transformer_blocks_train_the_same_maths(demo_data, tmp_path):
-    "--dynamo_backend compiles the UNet's transformer blocks; on the CPU aot_eager (no code generation) checks the graphs."
+@pytest.mark.parametrize("scope", ["blocks", "unet"])
+def test_compiled_unet_trains_the_same_maths(demo_data, tmp_path, scope):
+    "--dynamo_backend compiles the transformer blocks or the whole UNet; on the CPU aot_eager (no code generation) checks the graphs."
     eager = train(tiny_config(demo_data, tmp_path / "eager", max_train_steps=4))
-    compiled = train(tiny_config(demo_data, tmp_path / "compiled", max_train_steps=4, dynamo_backend="aot_eager"))
+    compiled = train(tiny_config(demo_data, tmp_path / "compiled", max_train_steps=4, dynamo_backend="aot_eager",
+                                 dynamo_scope=scope))
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
     a, b = load_file(eager.lora_path), load_file(compiled.lora_path)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_compile_mode_without_inductor_is_a_clear_error(demo_data, tmp_path):
+    with pytest.raises(ValueError, match="--dynamo_mode reduce-overhead is a mode of the inductor backend.*--dynamo_backend inductor"):
+        train(tiny_config(demo_data, tmp_path / "out", dynamo_backend="aot_eager", dynamo_mode="reduce-overhead"))
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("scope", ["blocks", "unet"])
+def test_cuda_graphs_train_the_same_maths(demo_data, tmp_path, scope):
+    "inductor's reduce-overhead mode (generated kernels replayed as CUDA graphs) against eager, both in bf16."
+    kw = dict(max_train_steps=6, mixed_precision="bf16", eval_samples=0)
+    eager = train(tiny_config(demo_data, tmp_path / "eager", **kw))
+    graphs = train(tiny_config(demo_data, tmp_path / "graphs", dynamo_backend="inductor", dynamo_mode="reduce-overhead",
+                               dynamo_scope=scope, **kw))
+    assert graphs.losses == pytest.approx(eager.losses, rel=0.05)  # bf16: fused kernels round differently
+    a, b = load_file(eager.lora_path), load_file(graphs.lora_path)
+    assert a.keys() == b.keys()
+    up = [k for k in a if "lora.up" in k]  # the up matrices start at zero: they hold only what training learned
+    learned_a, learned_b = (torch.cat([w[k].float().flatten() for k in up]) for w in (a, b))
+    assert torch.nn.functional.cosine_similarity(learned_a, learned_b, dim=0) > 0.9
 
 
 def test_validation_during_training_samples_like_the_saved_lora(tmp_path):
