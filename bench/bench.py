@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sd_lora.core import quiet
 from sd_lora.config import TrainConfig
 from sd_lora.models import TINY_SD, byte_clip_tokenizer, device_dtype
-from sd_lora.train import setup, train_loop, training_loss
+from sd_lora.train import setup, step_memory, train_loop
 
 # name -> TrainConfig overrides; "documented" is the diffusers docs' configuration (batch 1, accumulation 4)
 CONFIGS = {
@@ -104,23 +104,32 @@ def unet_flops_per_image(run) -> float:
 
 
 def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: float|None) -> dict:
-    "Train `warmup + steps` optimizer steps and time the last `steps`."
+    """Train `warmup + steps` optimizer steps and time the last `steps`; startup is the time to the first step
+    (loading, caching, compiling), and `graphs` counts the graphs torch.compile made (0: eager)."""
+    from torch._dynamo.utils import counters
     cuda = torch.cuda.is_available()
+    torch._dynamo.reset()  # each configuration compiles as in a fresh process (inductor's disk cache aside)
+    graphs_before = counters["stats"]["unique_graphs"]
+    start = time.perf_counter()
     run = setup(cfg)
-    flops = unet_flops_per_image(run)
     run.max_train_steps = warmup + steps
     if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     h = train_loop(run)
     if cuda: torch.cuda.synchronize()
     end = time.perf_counter()
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    graphs = counters["stats"]["unique_graphs"] - graphs_before
+    # only after timing: a compiled module first called under FlopCounterMode (a dispatch mode) stays eager for good
+    flops = unet_flops_per_image(run)
     run.accelerator.end_training()
     images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
     step_s = (end - h.step_times[warmup - 1]) / steps
     ips = images_per_step / step_s
     return {"config": name, "batch": cfg.train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
             "cache": cfg.cache_latents, "merged": cfg.merge_accumulation, "images_per_s": round(ips, 2),
-            "step_s": round(step_s, 4), "mean_loss": round(sum(h.losses[warmup:]) / steps, 4),  # same seed: same maths?
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "step_s": round(step_s, 4), "startup_s": round(h.step_times[0] - start, 2), "graphs": graphs,
+            "mean_loss": round(sum(h.losses[warmup:]) / steps, 4),  # same seed, same batch structure: same maths?
+            "peak_mem_gib": peak_mem and round(peak_mem, 2),
             "gflop_per_image": round(flops / 1e9, 2), "mfu": round(flops * ips / peak_flops, 4) if peak_flops else None}
 
 
@@ -139,44 +148,18 @@ def attribute_costs(cfg: TrainConfig, calls: int=20) -> dict:
     return out
 
 
-def storage_mib(tensors) -> float:
-    "MiB of the distinct storages behind `tensors` (views and tied weights counted once)."
-    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return round(sum(sizes.values()) / 2**20, 2)
-
-
 def memory_breakdown(cfg: TrainConfig) -> dict:
-    """MiB by kind in one micro-step of `cfg`, counted tensor by tensor, on any device: the frozen weights, the LoRA
-    weights, their gradients, AdamW's state, and the activations autograd keeps from the forward pass for the
-    backward (what gradient checkpointing shrinks). Buffers that live only inside one layer are not counted, so the
-    sum is a lower bound of the peak that `torch.cuda.max_memory_allocated` reports on a GPU."""
+    """MiB by kind in one micro-step of `cfg` (`sd_lora.train.step_memory`, taught in 05_train): frozen weights, LoRA,
+    gradients, AdamW state and the activations kept for the backward, a lower bound of the peak that
+    `torch.cuda.max_memory_allocated` reports on a GPU (buffers that live inside one layer are not counted)."""
     run = setup(cfg)
-    m = run.m
-    modules = [m.unet, m.vae, m.text_encoder, getattr(m, "text_encoder_2", None)]
-    weights = [p for mod in modules if mod is not None for p in mod.parameters()]
-    lora = [p for p in weights if p.requires_grad]
-    known = {p.untyped_storage().data_ptr() for p in weights}
-    saved = []
-    def keep(t):  # called for every tensor that autograd saves for the backward pass
-        if t.untyped_storage().data_ptr() not in known: saved.append(t)
-        return t
     batch = next(iter(run.dataloader))  # a micro-batch, or the merged batch with --merge_accumulation
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        loss = training_loss(batch, m, run.unet, run.generator, run.prediction_type, cfg.snr_gamma, cfg.noise_offset,
-                             run.text_encoders or None)
-    activations = storage_mib(saved)
-    saved.clear()
-    loss.backward()
-    grads = storage_mib([p.grad for p in lora if p.grad is not None])
-    run.optimizer.optimizer.step()
-    state = [v for s in run.optimizer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    images = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]  # a small data set may cut a batch short
-    out = {"config": None, "batch": images,
-           "checkpointing": cfg.gradient_checkpointing, "weights_dtype": str(next(m.unet.parameters()).dtype).split(".")[-1],
-           "frozen_mib": storage_mib([p for p in weights if not p.requires_grad]), "lora_mib": storage_mib(lora),
-           "grad_mib": grads, "optimizer_mib": storage_mib(state), "activations_mib": activations}
-    out["total_mib"] = round(sum(v for k, v in out.items() if k.endswith("_mib")), 2)
+    mib = step_memory(run, batch)
     run.accelerator.end_training()
+    out = {"config": None, "batch": next(v for v in batch.values() if torch.is_tensor(v)).shape[0],  # a small set may cut it short
+           "checkpointing": cfg.gradient_checkpointing, "weights_dtype": str(device_dtype(run.m.unet)[1]).split(".")[-1],
+           **{f"{k}_mib": round(v, 2) for k, v in mib.items()}}
+    out["total_mib"] = round(sum(mib.values()), 2)
     return out
 
 
@@ -237,14 +220,14 @@ def main(argv=None):
               "optimizer | activations | total |\n|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['config']} | failed: {r['error'][:120]} |" if "error" in r else
-                  f"| {r['config']} | {r['batch']} | {r['frozen_mib']} | {r['lora_mib']} | {r['grad_mib']} | "
+                  f"| {r['config']} | {r['batch']} | {r['frozen_mib']} | {r['lora_mib']} | {r['gradients_mib']} | "
                   f"{r['optimizer_mib']} | {r['activations_mib']} | {r['total_mib']} |")
         return save()
-    print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | images/s | step (s) | peak GiB | GFLOP/image | MFU | mean loss |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | images/s | step (s) | startup (s) | graphs | peak GiB | GFLOP/image | MFU | mean loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "error" in r: print(f"| {r['config']} | failed: {r['error'][:120]} | | | | | | |")
-        else: print(f"| {r['config']} | {r['batch']} x {r['accumulation']} | {r['images_per_s']} | {r['step_s']} | "
+        if "error" in r: print(f"| {r['config']} | failed: {r['error'][:120]} | | | | | | | | |")
+        else: print(f"| {r['config']} | {r['batch']} x {r['accumulation']} | {r['images_per_s']} | {r['step_s']} | {r['startup_s']} | {r['graphs']} | "
                     f"{r['peak_mem_gib']} | {r['gflop_per_image']} | {r['mfu']} | {r['mean_loss']} |")
     save()
 

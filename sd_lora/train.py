@@ -37,9 +37,10 @@ from .guards import preflight, StopSignals, TrainingInterrupted, nonfinite, skip
 
 # %% auto #0
 __all__ = ['encode_batch', 'training_loss', 'compile_unet', 'Run', 'make_optimizer', 'make_datasets', 'cached', 'data_loader',
-           'forget_accelerate_state', 'setup', 'setup_models', 'apply_update', 'train_step', 'fixed_noise_losses',
-           'evaluate', 'components_pipeline', 'log_validation', 'validate', 'History', 'epoch_batches',
-           'stop_requested', 'log_step', 'train_loop', 'TrainResult', 'final_validation', 'train', 'main']
+           'forget_accelerate_state', 'setup', 'setup_models', 'apply_update', 'train_step', 'storage_mib',
+           'step_memory', 'fixed_noise_losses', 'evaluate', 'components_pipeline', 'log_validation', 'validate',
+           'History', 'epoch_batches', 'stop_requested', 'log_step', 'train_loop', 'TrainResult', 'final_validation',
+           'train', 'main']
 
 # %% ../nbs/05_train.ipynb #d97c0bc0
 def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (latent_mean, latent_std, maybe text_embeds)
@@ -309,6 +310,35 @@ def train_step(run: Run, # the run
         run.lr_scheduler.step()
         run.optimizer.zero_grad()
     return loss.detach(), norm, bad
+
+# %% ../nbs/05_train.ipynb #c41b0ba2
+def storage_mib(tensors) -> float:
+    "MiB of the distinct storages behind `tensors`: views and shared weights count once."
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values()) / 2**20
+
+def step_memory(run: Run, # a fresh run from `setup`: its LoRA takes one optimizer step
+                batch: dict, # a micro-batch from its loader
+               ) -> dict: # MiB of frozen weights, LoRA weights, gradients, optimizer state, saved activations
+    "The memory of one micro-step by kind, counted tensor by tensor (so on any device)."
+    m = run.m
+    weights = [p for model in (m.unet, m.vae, *text_encoders(m)) for p in model.parameters()]
+    known, saved = {p.untyped_storage().data_ptr() for p in weights}, []
+    def keep(t):  # autograd calls this for every tensor it keeps for the backward pass
+        if t.untyped_storage().data_ptr() not in known: saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = training_loss(batch, m, run.unet, run.generator, run.prediction_type, run.cfg.snr_gamma,
+                             run.cfg.noise_offset, run.text_encoders or None)
+    activations = storage_mib(saved)
+    saved.clear()
+    loss.backward()
+    lora = [p for p in weights if p.requires_grad]
+    gradients = storage_mib([p.grad for p in lora if p.grad is not None])
+    run.optimizer.optimizer.step()  # AdamW makes its state on the first step
+    state = [v for s in run.optimizer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {"frozen": storage_mib([p for p in weights if not p.requires_grad]), "lora": storage_mib(lora),
+            "gradients": gradients, "optimizer": storage_mib(state), "activations": activations}
+
 
 # %% ../nbs/05_train.ipynb #b3b674dd
 @torch.no_grad()

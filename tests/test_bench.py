@@ -69,8 +69,25 @@ def test_memory_mode_breaks_a_step_down_by_kind(tmp_path):
     one, eight, ckpt = json.loads(out.read_text())["results"]
     assert (one["batch"], eight["batch"], ckpt["batch"]) == (1, 8, 8)
     assert one["frozen_mib"] == eight["frozen_mib"] == ckpt["frozen_mib"] > 0
-    assert one["grad_mib"] == one["lora_mib"] > 0  # one fp32 gradient per fp32 LoRA weight
+    assert one["gradients_mib"] == one["lora_mib"] > 0  # one fp32 gradient per fp32 LoRA weight
     assert one["optimizer_mib"] == pytest.approx(2 * one["lora_mib"], rel=0.05)  # AdamW's two moments
     assert eight["activations_mib"] == pytest.approx(8 * one["activations_mib"], rel=0.1)  # they grow with the batch
     assert ckpt["activations_mib"] < eight["activations_mib"] / 2  # checkpointing keeps only the blocks' inputs
     assert "| b8-checkpointing | 8 |" in r.stdout
+
+
+def test_a_compiled_configuration_really_compiles(tmp_path):
+    """Each row counts the graphs torch.compile made. FLOPs are counted after the timed steps: a compiled module first
+    called under FlopCounterMode stays eager for good, which once made every compiled row an eager one."""
+    from torch._dynamo.utils import counters
+    spec = importlib.util.spec_from_file_location("bench", "bench/bench.py")
+    bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+    data = bench.synthetic_images(tmp_path, 8, 64)
+    base = dict(pretrained_model_name_or_path=bench.TINY_SD, train_data_dir=data, resolution=64, train_batch_size=4,
+                report_to="none", checkpointing_steps=10**9, eval_samples=0, logging_steps=10**9, seed=0)
+    eager = bench.measure("eager", bench.TrainConfig(output_dir=str(tmp_path / "a"), **base), 1, 1, None)
+    compiled = bench.measure("compiled", bench.TrainConfig(output_dir=str(tmp_path / "b"), dynamo_backend="aot_eager", **base),
+                             1, 1, None)
+    assert eager["graphs"] == 0 and compiled["graphs"] > 0
+    assert compiled["gflop_per_image"] == eager["gflop_per_image"] > 0
+    assert compiled["mean_loss"] == pytest.approx(eager["mean_loss"], rel=1e-5)
