@@ -171,3 +171,30 @@ def test_validation_during_training_samples_like_the_saved_lora(tmp_path):
     train(cfg)
     last, final = (np.asarray(Image.open(tmp_path / "out" / "validation" / f)) for f in ("step-000010.png", "final.png"))
     assert np.array_equal(last, final)
+
+
+def test_the_loop_reads_the_device_only_when_it_logs(demo_data, tmp_path):
+    """No host sync in a step (issue 4): the loss, the gradient norm and the skip flags stay on the device until a
+    logging step. Every read of a tensor's value goes through aten._local_scalar_dense, which a dispatch mode sees."""
+    import traceback
+    from collections import Counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from sd_lora.train import train_loop
+
+    class Reads(TorchDispatchMode):
+        def __init__(self): super().__init__(); self.places = []
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                ours = [f for f in traceback.extract_stack() if f.filename.endswith("sd_lora/train.py")]
+                self.places.append(ours[-1].name if ours[-1].name == "log_step" else ours[-1].line.split("(")[0])
+            return func(*args, **(kwargs or {}))
+
+    # 12 images in micro-batches of 2, accumulation 2: 3 steps an epoch, 6 steps in 2 epochs, logged at steps 3 and 6
+    run = setup(tiny_config(demo_data, tmp_path, train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=6,
+                            logging_steps=3, eval_samples=0))
+    with Reads() as reads: train_loop(run)
+    run.accelerator.end_training()
+    places = Counter(reads.places)
+    assert places.pop("log_step") > 0
+    assert places.pop("return History") == 6 + 6 + 1  # after the loop: the losses, the norms, the skipped count
+    assert set(places) <= {"for batch in epoch_batches"} and sum(places.values()) <= 2  # the sampler, once an epoch
