@@ -312,7 +312,8 @@ def train_step(run: Run, # the run
     return loss.detach(), norm, bad
 
 # %% ../nbs/05_train.ipynb #c41b0ba2
-def storage_mib(tensors) -> float:
+def storage_mib(tensors, # tensors on any device, possibly views of one another
+               ) -> float:
     "MiB of the distinct storages behind `tensors`: views and shared weights count once."
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values()) / 2**20
 
