@@ -40,7 +40,7 @@ CONFIGS = {
     "b8-8bit-adam": dict(train_batch_size=8, use_8bit_adam=True),
     # the frozen weights in fp32 and no autocast, against the half-precision default (on a GPU; the CPU's default is fp32)
     "documented-fp32": dict(train_batch_size=1, gradient_accumulation_steps=4, mixed_precision="no"),
-    # compiled transformer blocks (inductor generates code: minutes on a CPU, where it gains nothing; GPU only by default)
+    # compiled transformer blocks (inductor generates code: a minute or more before the first step, so GPU only by default)
     "documented-compiled": dict(train_batch_size=1, gradient_accumulation_steps=4, merge_accumulation=True,
                                 dynamo_backend="inductor"),
     "b8-compiled": dict(train_batch_size=8, dynamo_backend="inductor"),
@@ -52,7 +52,8 @@ CONFIGS = {
     "b8-unet-compiled": dict(train_batch_size=8, dynamo_backend="inductor", dynamo_scope="unet"),
     "b32-compiled": dict(train_batch_size=32, dynamo_backend="inductor"),
 }
-GPU_ONLY = {"b8-8bit-adam"} | {n for n in CONFIGS if "compiled" in n or "graphs" in n}  # bitsandbytes needs CUDA
+# by default on a GPU only: 8-bit Adam needs bitsandbytes, which CI does not install; compiling takes minutes on a CPU
+GPU_ONLY = {"b8-8bit-adam"} | {n for n in CONFIGS if "compiled" in n or "graphs" in n}
 
 
 def sd15_folder(root: Path) -> str:
@@ -151,7 +152,7 @@ def attribute_costs(cfg: TrainConfig, calls: int=20) -> dict:
     return out
 
 
-def memory_breakdown(cfg: TrainConfig) -> dict:
+def memory_breakdown(name: str, cfg: TrainConfig) -> dict:
     """MiB by kind in one micro-step of `cfg` (`sd_lora.train.step_memory`, taught in 05_train): frozen weights, LoRA,
     gradients, AdamW state and the activations kept for the backward, a lower bound of the peak that
     `torch.cuda.max_memory_allocated` reports on a GPU (buffers that live inside one layer are not counted)."""
@@ -159,7 +160,7 @@ def memory_breakdown(cfg: TrainConfig) -> dict:
     batch = next(iter(run.dataloader))  # a micro-batch, or the merged batch with --merge_accumulation
     mib = step_memory(run, batch)
     run.accelerator.end_training()
-    out = {"config": None, "batch": next(v for v in batch.values() if torch.is_tensor(v)).shape[0],  # a small set may cut it short
+    out = {"config": name, "batch": next(v for v in batch.values() if torch.is_tensor(v)).shape[0],  # a small set may cut it short
            "checkpointing": cfg.gradient_checkpointing, "weights_dtype": str(device_dtype(run.m.unet)[1]).split(".")[-1],
            **{f"{k}_mib": round(v, 2) for k, v in mib.items()}}
     out["total_mib"] = round(sum(mib.values()), 2)
@@ -210,7 +211,7 @@ def main(argv=None):
             report["attribute_ms"] = attribute_costs(cfg)
             print(json.dumps(report["attribute_ms"]))
             break
-        try: row = {**memory_breakdown(cfg), "config": name} if args.memory else measure(name, cfg, args.warmup, args.steps, peak)
+        try: row = memory_breakdown(name, cfg) if args.memory else measure(name, cfg, args.warmup, args.steps, peak)
         except Exception as e:  # one failing configuration (no bitsandbytes, a compiler error) must not cost the others
             row = {"config": name, "error": f"{type(e).__name__}: {e}"[:600]}
         rows.append(row)

@@ -79,7 +79,6 @@ def test_memory_mode_breaks_a_step_down_by_kind(tmp_path):
 def test_a_compiled_configuration_really_compiles(tmp_path):
     """Each row counts the graphs torch.compile made. FLOPs are counted after the timed steps: a compiled module first
     called under FlopCounterMode stays eager for good, which once made every compiled row an eager one."""
-    from torch._dynamo.utils import counters
     spec = importlib.util.spec_from_file_location("bench", "bench/bench.py")
     bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
     data = bench.synthetic_images(tmp_path, 8, 64)

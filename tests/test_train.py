@@ -127,14 +127,19 @@ def test_logged_loss_is_the_mean_over_the_micro_steps_taken(demo_data, tmp_path)
     assert accumulated.losses[1] == pytest.approx(single.losses[2], rel=1e-5)  # not halved
 
 
+@pytest.fixture(scope="module")
+def eager_run(demo_data, tmp_path_factory):
+    "A plain 4-step run, the reference for the compiled ones."
+    return train(tiny_config(demo_data, tmp_path_factory.mktemp("eager"), max_train_steps=4))
+
+
 @pytest.mark.parametrize("scope", ["blocks", "unet"])
-def test_compiled_unet_trains_the_same_maths(demo_data, tmp_path, scope):
+def test_compiled_unet_trains_the_same_maths(demo_data, tmp_path, eager_run, scope):
     "--dynamo_backend compiles the transformer blocks or the whole UNet; on the CPU aot_eager (no code generation) checks the graphs."
-    eager = train(tiny_config(demo_data, tmp_path / "eager", max_train_steps=4))
     compiled = train(tiny_config(demo_data, tmp_path / "compiled", max_train_steps=4, dynamo_backend="aot_eager",
                                  dynamo_scope=scope))
-    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
-    a, b = load_file(eager.lora_path), load_file(compiled.lora_path)
+    assert compiled.losses == pytest.approx(eager_run.losses, rel=1e-5)
+    a, b = load_file(eager_run.lora_path), load_file(compiled.lora_path)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
