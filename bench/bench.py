@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from sd_lora.core import quiet
 from sd_lora.config import TrainConfig
 from sd_lora.models import TINY_SD, byte_clip_tokenizer, device_dtype
-from sd_lora.train import setup, step_memory, train_loop
+from sd_lora.run import setup, forget_accelerate_state
+from sd_lora.train import train_loop
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import step_memory  # bench/memory.py, beside this script
 
 # name -> TrainConfig overrides; "documented" is the diffusers docs' configuration (batch 1, accumulation 4)
 CONFIGS = {
@@ -112,6 +116,7 @@ def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: fl
     torch._dynamo.reset()  # each configuration compiles as in a fresh process (inductor's disk cache aside)
     graphs_before = counters["stats"]["unique_graphs"]
     start = time.perf_counter()
+    forget_accelerate_state()  # each configuration has its own precision
     run = setup(cfg)
     run.max_train_steps = warmup + steps
     if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
@@ -139,6 +144,7 @@ def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: fl
 
 def attribute_costs(cfg: TrainConfig, calls: int=20) -> dict:
     "Host milliseconds per call of the frozen models' `.device` and `.dtype` (diffusers), and of `device_dtype`."
+    forget_accelerate_state()  # each configuration has its own precision
     run = setup(cfg)
     def ms(f):
         t = time.perf_counter()
@@ -153,9 +159,10 @@ def attribute_costs(cfg: TrainConfig, calls: int=20) -> dict:
 
 
 def memory_breakdown(name: str, cfg: TrainConfig) -> dict:
-    """MiB by kind in one micro-step of `cfg` (`sd_lora.train.step_memory`, taught in 05_train): frozen weights, LoRA,
+    """MiB by kind in one micro-step of `cfg` (`step_memory` of bench/memory.py): frozen weights, LoRA,
     gradients, AdamW state and the activations kept for the backward, a lower bound of the peak that
     `torch.cuda.max_memory_allocated` reports on a GPU (buffers that live inside one layer are not counted)."""
+    forget_accelerate_state()  # each configuration has its own precision
     run = setup(cfg)
     batch = next(iter(run.dataloader))  # a micro-batch, or the merged batch with --merge_accumulation
     mib = step_memory(run, batch)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import hashlib
 import json
-import warnings
 from pathlib import Path
 import torch
 from safetensors import safe_open

@@ -4,6 +4,7 @@
 
 # %% ../nbs/04a_checkpoints.ipynb #ebc0bb7e
 from __future__ import annotations
+import pickle
 import shutil
 from pathlib import Path
 import torch
@@ -16,7 +17,7 @@ from .lora import save_lora
 
 # %% auto #0
 __all__ = ['load_lora_into', 'register_lora_hooks', 'register_generator_hooks', 'checkpoints', 'save_checkpoint',
-           'find_checkpoint']
+           'find_checkpoint', 'load_checkpoint', 'resume_position']
 
 # %% ../nbs/04a_checkpoints.ipynb #a5f09018
 def load_lora_into(unet, # a UNet (or text encoder) with a LoRA adapter named "default"
@@ -102,3 +103,23 @@ def find_checkpoint(output_dir: str|Path, # the run's output folder
         raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a folder (nor one in "
                                 f"{output_dir}): give a checkpoint-N folder or 'latest'")
     return path
+
+def load_checkpoint(accelerator: Accelerator, # the run's accelerator, with its hooks registered
+                    ckpt: Path, # a `checkpoint-N` folder
+                   ) -> int: # N, the optimizer step the checkpoint was saved at
+    "Restore `ckpt` through `load_state`, which reads tensors and plain values only; returns its step."
+    try: accelerator.load_state(str(ckpt))
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met something other than tensors
+        raise ValueError(f"{ckpt} holds objects other than tensors and plain values ({str(e).splitlines()[0]}); "
+                         "loading them could run arbitrary code, so sd_lora refuses. Resume only from checkpoints "
+                         "you wrote, or delete this one") from None
+    return int(Path(ckpt).name.split("-")[1])
+
+# %% ../nbs/04a_checkpoints.ipynb #c03d4b26
+def resume_position(step: int, # the checkpoint's optimizer step
+                    steps_per_epoch: int, # optimizer steps in one epoch (per process)
+                    accumulation: int=1, # batches per optimizer step
+                   ) -> tuple[int, int]: # the epoch to start in, the batches of it to skip
+    "Where a run resumed at optimizer step `step` starts: its epoch, and the batches of that epoch already seen."
+    epoch, done = divmod(step, steps_per_epoch)
+    return epoch, done * accumulation

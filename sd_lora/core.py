@@ -5,9 +5,10 @@
 # %% ../nbs/00_core.ipynb #f5c0a959
 from __future__ import annotations
 import argparse
+import logging
 import os
 import math
-from dataclasses import fields, MISSING
+from dataclasses import fields
 from typing import get_type_hints
 from fastcore.docments import docments
 import numpy as np
@@ -87,6 +88,13 @@ def quiet():
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+
+class _NotOurs(logging.Filter):
+    "Drops transformers' notice that an image processor falls back to PIL: sd_lora's pipelines use none."
+    def filter(self, record): return "requires torchvision (not installed)" not in record.getMessage()
+
+# installed on import, before any of our modules imports a pipeline (that import is what prints the notice)
+logging.getLogger("transformers.utils.import_utils").addFilter(_NotOurs())
 
 # %% ../nbs/00_core.ipynb #a9920ac4
 def config_parser(cls, # a dataclass whose fields have defaults

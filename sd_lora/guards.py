@@ -4,7 +4,6 @@
 
 # %% ../nbs/04e_guards.ipynb #106e048e
 from __future__ import annotations
-import os
 import shutil
 import signal
 import threading

@@ -4,12 +4,15 @@
 
 # %% ../nbs/06_launch.ipynb #c0e23d95
 from __future__ import annotations
+import contextlib
+import io
 import os
 import sys
 import torch
 from accelerate import notebook_launcher
 from .config import TrainConfig
-from .train import train, forget_accelerate_state
+from .train import train
+from .run import forget_accelerate_state
 
 # %% auto #0
 __all__ = ['launch_train']
@@ -23,7 +26,11 @@ def launch_train(cfg: TrainConfig, # the run; set `cpu=True` for CPU processes
     "Start `fn(cfg)` (default `train`) in `num_processes` processes from a notebook."
     forget_accelerate_state()  # notebook_launcher refuses to start while an earlier run's state is set
     threads = max(1, (os.cpu_count() or 1) // num_processes) if cfg.cpu else None
-    notebook_launcher(_with_threads, (fn or train, cfg, threads), num_processes=num_processes, use_port=use_port)
+    said = io.StringIO()  # accelerate's banner counts processes as "CUDAs" even on a CPU: drop it, keep the rest
+    try:
+        with contextlib.redirect_stdout(said):
+            notebook_launcher(_with_threads, (fn or train, cfg, threads), num_processes=num_processes, use_port=use_port)
+    finally: print("".join(l for l in said.getvalue().splitlines(True) if not l.startswith("Launching training on")), end="")
 
 def _with_threads(fn, cfg, threads):
     # CPU processes share the cores: more threads than cores makes PyTorch's waiting threads spin against each other

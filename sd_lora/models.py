@@ -140,12 +140,12 @@ def tiny_family_path(name: str, # `TINY_SD2` or `TINY_SDXL`
         except OSError: shutil.rmtree(tmp, ignore_errors=True)
     return path
 
-TOY = "sd_lora:toy"  # the toy world's pretrained model, shipped inside the package (see 07d_pretrain)
+TOY = "sd_lora:toy"  # the toy world's pretrained model, shipped inside the package (see 08a_toy_pretrain)
 
 def resolve_model(name_or_path: str|None, # `TINY_SD`, `TINY_SD2`, `TINY_SDXL`, `TOY`, `None` (`TINY_SD`), a Hub id or a local folder
                  ) -> str:
     "Turn the embedded models' names into their folders; pass anything else through."
-    if name_or_path == TOY: return str(importlib.resources.files("sd_lora") / "toy_world")
+    if name_or_path == TOY: return str(importlib.resources.files("sd_lora.toy") / "model")
     if name_or_path in TINY_FAMILY: return str(tiny_family_path(name_or_path))
     return str(tiny_sd_path()) if name_or_path in (None, TINY_SD) else str(name_or_path)
 

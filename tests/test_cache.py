@@ -2,7 +2,8 @@
 import statistics
 import pytest
 import torch
-from sd_lora.train import train, setup
+from sd_lora.run import setup
+from sd_lora.train import train
 from sd_lora.cache import CachedDataset
 from helpers import tiny_config
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from accelerate.utils import load as accelerate_load
-from sd_lora.train import train, setup, train_loop
+from sd_lora.run import setup
+from sd_lora.train import train, train_loop
 from sd_lora.checkpoints import checkpoints
 from sd_lora.models import TINY_SD
 from faults import poison_gradients, interrupt_at_checkpoint

@@ -10,8 +10,8 @@ from sd_lora.lora import add_lora, lora_config, save_lora, save_kohya
 from sd_lora.outputs import KOHYA_FILE
 from sd_lora.train import train
 from sd_lora.inference import (SCHEDULERS, set_scheduler, inference_pipeline, generate, find_lora_file, load_lora,
-                               lora_mismatches, adapter_names, set_lora_weights, merge_adapters, weight_sweep,
-                               comparison_grid, parse_lora_arg)
+                               lora_mismatches, adapter_names)
+from sd_lora.mixing import set_lora_weights, merge_adapters, weight_sweep, comparison_grid, parse_lora_arg
 from helpers import tiny_config
 
 KW = dict(num_inference_steps=4, height=64, width=64)

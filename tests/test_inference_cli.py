@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 from sd_lora.outputs import KOHYA_FILE
 from sd_lora.train import train
-from sd_lora.inference import generate_cli, inference_pipeline, generate, load_lora, set_lora_weights
+from sd_lora.inference import inference_pipeline, generate, load_lora
+from sd_lora.mixing import generate_cli, set_lora_weights
 from helpers import tiny_config
 
 PROMPTS = ["a red square", "a cat on a mat"]

@@ -6,8 +6,10 @@ import pytest
 import torch
 from accelerate import Accelerator, PartialState
 from sd_lora.launch import launch_train
-from sd_lora.train import train, forget_accelerate_state
-from sd_lora.inference import inference_pipeline, generate, load_lora, set_lora_weights
+from sd_lora.train import train
+from sd_lora.run import forget_accelerate_state
+from sd_lora.inference import inference_pipeline, generate, load_lora
+from sd_lora.mixing import set_lora_weights
 from sd_lora.distributed import (split_batches, gather_in_order, map_in_parallel, generate_distributed, lora_effect,
                                  GenerateJob, launch_generate)
 from helpers import tiny_config

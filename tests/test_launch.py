@@ -8,7 +8,7 @@ from helpers import tiny_config
 
 def _train_and_record(cfg):
     "Each rank trains and records which of our writers it called."
-    import sd_lora.train as train_mod, sd_lora.checkpoints as ckpt_mod, sd_lora.outputs as out_mod
+    import sd_lora.train as train_mod, sd_lora.checkpoints as ckpt_mod, sd_lora.validation as val_mod
     rank, out = int(os.environ["RANK"]), Path(cfg.output_dir)
     def recording(name, fn):
         def wrapper(*a, **k):
@@ -17,7 +17,7 @@ def _train_and_record(cfg):
         return wrapper
     train_mod.save_outputs = recording("outputs", train_mod.save_outputs)
     ckpt_mod.save_lora = recording("checkpoint_lora", ckpt_mod.save_lora)
-    train_mod.log_validation = recording("validation", train_mod.log_validation)
+    val_mod.log_validation = recording("validation", val_mod.log_validation)
     res = train_mod.train(cfg)
     torch.save(res.lora, out / f"lora-rank{rank}.pt")
 

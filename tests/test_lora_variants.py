@@ -6,7 +6,8 @@ from sd_lora.config import parse_args
 from sd_lora.lora import lora_config, TARGET_PRESETS
 from sd_lora.models import load_pipeline
 from sd_lora.outputs import KOHYA_FILE, save_outputs
-from sd_lora.train import setup, train_loop
+from sd_lora.run import setup
+from sd_lora.train import train_loop
 from helpers import tiny_config
 
 

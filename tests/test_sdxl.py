@@ -10,8 +10,9 @@ from diffusers import StableDiffusionXLPipeline
 from sd_lora.models import TINY_SD, TINY_SD2, TINY_SDXL, load_pipeline, resolve_model
 from sd_lora.outputs import KOHYA_FILE, save_outputs
 from sd_lora.cache import CachedDataset
-from sd_lora.sdxl import text_encoders
-from sd_lora.train import setup, train, train_loop, main
+from sd_lora.conditioning import text_encoders
+from sd_lora.run import setup
+from sd_lora.train import train, train_loop, main
 from helpers import tiny_config, read_json
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from sd_lora.models import TOY, resolve_model, load_pipeline
-from sd_lora.toy import BASE_COLOURS, NEW_COLOURS, COLOURS, SHAPES, world, read_colour, read_shape, prompts_for, sample, score
-from sd_lora.toy_lora import concept_data, teach_config, lora_scores, toy_pipeline
-from sd_lora.toy_texture import read_texture, read_stripe_colour, texture_data, texture_scores, texture_table
+from sd_lora.toy.world import BASE_COLOURS, NEW_COLOURS, COLOURS, SHAPES, world, read_colour, read_shape, prompts_for, sample, score
+from sd_lora.toy.lora import concept_data, teach_config, lora_scores, toy_pipeline
+from sd_lora.toy.texture import read_texture, read_stripe_colour, texture_data, texture_scores, texture_table
 from sd_lora.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +44,8 @@ def test_shipped_weights_are_small_and_recorded():
     assert size < 6e6, size
     card = json.loads((folder / "toy_world.json").read_text())
     assert card["command"].startswith("sd_lora_pretrain_toy") and card["settings"]["seed"] == 0
-    assert "recursive-include sd_lora/toy_world" in (ROOT / "MANIFEST.in").read_text()
-    assert "sd_lora_pretrain_toy=sd_lora.pretrain:pretrain_cli" in (ROOT / "settings.ini").read_text()
+    assert "recursive-include sd_lora/toy/model" in (ROOT / "MANIFEST.in").read_text()
+    assert "sd_lora_pretrain_toy=sd_lora.toy.pretrain:pretrain_cli" in (ROOT / "settings.ini").read_text()
 
 
 def test_shipped_weights_reach_the_base_scores(toy):
@@ -73,7 +73,7 @@ def test_short_lora_learns_purple_and_keeps_the_base_colours(tmp_path):
 
 def test_rebuild_command_runs_a_few_steps(tmp_path):
     out = tmp_path / "toy"
-    r = subprocess.run([sys.executable, "-m", "sd_lora.pretrain", "--output_dir", str(out), "--vae_steps", "2",
+    r = subprocess.run([sys.executable, "-m", "sd_lora.toy.pretrain", "--output_dir", str(out), "--vae_steps", "2",
                         "--unet_steps", "2", "--n_per_concept", "1", "--eval_n", "0"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

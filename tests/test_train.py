@@ -3,7 +3,8 @@ import pytest
 import torch
 from dataclasses import replace
 from safetensors.torch import load_file
-from sd_lora.train import train, setup, train_step
+from sd_lora.run import setup
+from sd_lora.train import train, train_step
 from sd_lora.outputs import hub_files, KOHYA_FILE
 from sd_lora.models import load_pipeline
 from helpers import tiny_config, read_json
@@ -170,7 +171,7 @@ def test_validation_during_training_samples_like_the_saved_lora(tmp_path):
     "In-loop validation uses the checkpoint's own sampler (DDIM for the toy model), as a reloaded pipeline does."
     import numpy as np
     from PIL import Image
-    from sd_lora.toy_lora import concept_data, teach_config
+    from sd_lora.toy.lora import concept_data, teach_config
     cfg = teach_config(concept_data(tmp_path / "data", n_new=4), tmp_path / "out", max_train_steps=10,
                        validation_prompt="a purple circle", num_validation_images=2, validation_steps=10)
     train(cfg)
