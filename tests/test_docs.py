@@ -25,6 +25,7 @@ def site(tmp_path_factory):
     "The site, built once for this module by the tool's command line into a temporary folder."
     tmp = tmp_path_factory.mktemp("docs")
     out = tmp / "_site"
+    (tmp / "started").touch()  # when the build began
     subprocess.run([sys.executable, str(ROOT / "tools" / "build_docs.py"), "--out", str(out), "--work", str(tmp / "work")],
                    check=True, cwd=tmp)
     return out
@@ -102,7 +103,7 @@ def test_show_doc_signature_and_parameter_table(site):
     assert heading_text(noisify.find("h3")) == "noisify"
     assert "def noisify(" in noisify.select_one("div.highlight pre").get_text()
     rows = [[td.get_text(" ", strip=True) for td in tr.find_all("td")] for tr in noisify.select("table tbody tr")]
-    assert rows[0][:2] == ["x0", "torch.Tensor"] and "clean latents" in rows[0][3]
+    assert rows[0][:2] == ["x0", "torch.Tensor"] and "clean latents" in rows[0][-1]  # fastcore's DocmentTbl
     assert "target=" not in str(noisify) and "{" not in noisify.find("a").get_text()
 
     train_config = page(site, pages["config"]).find("section", id="trainconfig")
@@ -138,6 +139,19 @@ def test_internal_links_resolve(site):
 def test_nbdev_writes_nothing_into_nbs(site):
     for name in ("_quarto.yml", "nbdev.yml", "sidebar.yml"):
         assert not (ROOT / "nbs" / name).exists()
+    proc = ROOT / "_proc"  # the notebooks are processed in memory: no _proc/ (or none newer than this build)
+    assert not proc.exists() or proc.stat().st_mtime < (site.parent / "started").stat().st_mtime
+
+
+def test_pages_open_with_prose(site):
+    "After the title and its description, a page goes on with prose: import cells are collapsed, not shown."
+    for nb in NOTEBOOKS:
+        h1 = page(site, nb).select_one("article h1")
+        blocks = [el for el in h1.find_next_siblings() if el.name != "blockquote"]
+        first = next(el for el in blocks if "tag_hide-input" not in el.get("class", []))
+        assert first.name in ("p", "section", "ul", "ol") and "cell" not in first.get("class", []), (nb.name, str(first)[:300])
+        for cell in page(site, nb).select("article div.cell.tag_hide-input"):
+            assert cell.select_one("details.above-input"), (nb.name, "import cell not collapsible")
 
 
 def test_readme_is_current():
@@ -169,9 +183,19 @@ def test_readme_from_index(tmp_path):
     assert build_docs.readme_is_current(tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert text == (build_docs.README_HEADER + "\n\n# demo\n\n> A test project.\n\n```\nonly output\n```\n\n"
-                    "```python\n1 + 1\n```\n\n```\n2\n```\n\n```python\nx = 3\nx\n```\n")
+                    "```python\n1 + 1\n```\n\n![Figure 1](docs/images/index-1.png)\n\n```python\nx = 3\nx\n```\n")
+    image = tmp_path / "docs/images/index-1.png"
+    assert image.read_bytes() == b"\x89PNG\r\n\x1a\n"  # the output's PNG, beside the README that shows it
     (tmp_path / "README.md").write_text(text + "edited by hand\n")
     assert not build_docs.readme_is_current(tmp_path)
+    build_docs.write_readme(tmp_path)
+    image.write_bytes(b"an older figure")  # a stale image
+    assert not build_docs.readme_is_current(tmp_path)
+    build_docs.write_readme(tmp_path)
+    (tmp_path / "docs/images/index-2.png").write_bytes(b"a figure the notebook no longer shows")
+    assert not build_docs.readme_is_current(tmp_path)
+    build_docs.write_readme(tmp_path)
+    assert build_docs.readme_is_current(tmp_path) and not (tmp_path / "docs/images/index-2.png").exists()
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -211,6 +235,7 @@ def browser_context(tmp_path_factory):
 def visit(ctx, url: str) -> dict:
     "Open `url`; what a reader would see go wrong there, and the page's links, images and navigation."
     page, problems = ctx.new_page(), []
+    page.set_viewport_size({"width": 1400, "height": 900})  # a laptop's browser window
     page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
     page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
     page.on("requestfailed", lambda r: problems.append(f"failed request: {r.url}"))
@@ -225,6 +250,18 @@ def visit(ctx, url: str) -> dict:
         ids: [...document.querySelectorAll('[id]')].map(e => e.id),
         nav: [...document.querySelectorAll('.sidebar-tree a.reference')].map(a => a.getAttribute('href')),
         maths: document.querySelectorAll('mjx-container').length,
+        cut_off: [...document.querySelectorAll('article pre')].filter(p => p.scrollWidth > p.clientWidth + 1).length,
+        code_columns: (() => {  // how many characters of code fit on a line of a code cell
+            const pre = document.querySelector('article div.cell:not(.tag_hide-input) div.highlight pre');
+            if (!pre) return null;
+            const probe = document.createElement('span'), style = getComputedStyle(pre);
+            probe.textContent = 'x'.repeat(100);
+            probe.style.whiteSpace = 'pre'; probe.style.position = 'absolute';
+            pre.appendChild(probe);
+            const per_char = probe.getBoundingClientRect().width / 100;
+            probe.remove();
+            return (pre.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight)) / per_char;
+        })(),
     })""")
     info["problems"] = problems
     return info, page
@@ -243,6 +280,8 @@ def test_site_in_a_real_browser(site, served, browser_context):
         assert not info["problems"], (name, info["problems"])
         assert not info["broken_images"], (name, info["broken_images"])
         assert info["images"] >= shown_image_outputs(pages[name]), name
+        assert not info["cut_off"], (name, f"{info['cut_off']} code blocks cut off at 1400 px")
+        assert info["code_columns"] is None or info["code_columns"] >= 120, (name, info["code_columns"])
         seen[name] = set(info["ids"])
         links += [(name, href) for href in info["links"] if href.startswith(served)]
     for name, href in links:  # every internal link reaches a page that exists, and the anchor on it
