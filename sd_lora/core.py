@@ -100,9 +100,10 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_NotOurs())
 def config_parser(cls, # a dataclass whose fields have defaults
                   choices: dict|None=None, # field name -> allowed values
                   description: str|None=None, # the `--help` summary (default: the class docstring)
+                  prog: str|None=None, # the command's name in `--help` (default: the running script's)
                  ) -> argparse.ArgumentParser:
     "An argparse parser with one flag per field of the dataclass `cls`, documented by its comments."
-    p = argparse.ArgumentParser(description=description or cls.__doc__)
+    p = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__)
     docs, hints, choices = docments(cls), get_type_hints(cls), choices or {}
     for f in fields(cls):
         typ, help = hints[f.name], f"{docs.get(f.name) or ''} (default: {f.default})"

@@ -241,8 +241,7 @@ def drop_bad_captions(ds, # a `datasets.Dataset`
     if len(bad) == len(ds): raise ValueError(f"no row of column '{caption_column}' holds a caption: fix the captions or pass --caption_column")
     warnings.warn(f"skipping {len(bad)} of {len(ds)} rows whose caption is missing, empty or not text "
                   f"(rows {bad[:5]}{' ...' if len(bad) > 5 else ''}): fix them in the caption column to train on all")
-    keep = set(range(len(ds))) - set(bad)
-    return ds.select(sorted(keep))
+    return ds.select(sorted(set(range(len(ds))) - set(bad)))
 
 def warn_long_captions(captions: list, # caption cells
                        tokenizer, # the text encoder's tokenizer

@@ -93,7 +93,7 @@ def demo(output_dir: str|Path, # where the LoRA, samples.png, loss.png (and for 
     base = generate(pipe, prompts, **kw)
     lora = generate(load_lora(pipe, res.lora_path), prompts, **kw)
     comparison_grid({"base": base, "with LoRA": lora}, prompts).savefig(out / "samples.png", dpi=100)
-    plot_losses(res.losses).savefig(out / "loss.png", dpi=100)
+    plot_losses(res.history.losses).savefig(out / "loss.png", dpi=100)
     plt.close("all")
     if toy and eval_n:
         runs = {"base model": lora_scores(None, n=eval_n, seed=seed), "with the LoRA": lora_scores(res.lora_path, n=eval_n, seed=seed)}

@@ -26,11 +26,17 @@ def launch_train(cfg: TrainConfig, # the run; set `cpu=True` for CPU processes
     "Start `fn(cfg)` (default `train`) in `num_processes` processes from a notebook."
     forget_accelerate_state()  # notebook_launcher refuses to start while an earlier run's state is set
     threads = max(1, (os.cpu_count() or 1) // num_processes) if cfg.cpu else None
-    said = io.StringIO()  # accelerate's banner counts processes as "CUDAs" even on a CPU: drop it, keep the rest
-    try:
-        with contextlib.redirect_stdout(said):
-            notebook_launcher(_with_threads, (fn or train, cfg, threads), num_processes=num_processes, use_port=use_port)
-    finally: print("".join(l for l in said.getvalue().splitlines(True) if not l.startswith("Launching training on")), end="")
+    with contextlib.redirect_stdout(_WithoutBanner(sys.stdout)):
+        notebook_launcher(_with_threads, (fn or train, cfg, threads), num_processes=num_processes, use_port=use_port)
+
+class _WithoutBanner(io.TextIOBase):
+    "Standard output without accelerate's launch banner, which counts CPU processes as CUDAs."
+    def __init__(self, out): self.out, self.dropped = out, False
+    def write(self, s):  # print writes the line, then its newline
+        banner, newline_of_banner = s.startswith("Launching training on"), self.dropped and s == "\n"
+        self.dropped = banner
+        return len(s) if banner or newline_of_banner else self.out.write(s)
+    def flush(self): self.out.flush()
 
 def _with_threads(fn, cfg, threads):
     # CPU processes share the cores: more threads than cores makes PyTorch's waiting threads spin against each other

@@ -24,6 +24,10 @@ def model_card(cfg: TrainConfig, # the run's settings the card reports: base mod
     data = cfg.dataset_name or cfg.train_data_dir
     te = " and text encoder" if cfg.train_text_encoder else ""
     variant = ", DoRA" if cfg.use_dora else ""
+    base = cfg.pretrained_model_name_or_path
+    load = (f"from sd_lora.models import load_pipeline  # {base} is built or shipped by sd_lora, not on the Hub\n"
+            f"pipe = load_pipeline(\"{base}\")" if base.startswith("sd_lora:") else
+            f"from diffusers import {pipeline}\npipe = {pipeline}.from_pretrained(\"{base}\")")
     kohya_note = (f"`{KOHYA_FILE}` holds the same LoRA for AUTOMATIC1111, ComfyUI and kohya's sd-scripts.\n" if kohya else
                   "No kohya file: DoRA magnitudes do not survive diffusers' kohya loader; use the file above.\n")
     return (f"---\nbase_model: {cfg.pretrained_model_name_or_path}\nlibrary_name: diffusers\n"
@@ -31,9 +35,7 @@ def model_card(cfg: TrainConfig, # the run's settings the card reports: base mod
             f"# LoRA text-to-image weights\n\nTrained with sd_lora on `{data}` from "
             f"`{cfg.pretrained_model_name_or_path}` (UNet{te}{variant}): rank {cfg.rank}, alpha {cfg.lora_alpha or cfg.rank}, "
             f"resolution {cfg.resolution}, learning rate {cfg.learning_rate}.\n\n"
-            f"```python\nfrom diffusers import {pipeline}\n"
-            f"pipe = {pipeline}.from_pretrained(\"{cfg.pretrained_model_name_or_path}\")\n"
-            "pipe.load_lora_weights(\"path/to/this/folder\")\n```\n\n" + kohya_note)
+            f"```python\n{load}\npipe.load_lora_weights(\"path/to/this/folder\")\n```\n\n" + kohya_note)
 
 def save_outputs(cfg: TrainConfig, # the run's settings; files go to `cfg.output_dir`
                  unet, # the trained UNet, unwrapped, with its LoRA adapter

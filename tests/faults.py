@@ -1,7 +1,6 @@
 "Fault injection for the tests: poison a gradient, interrupt a run at a step."
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 "Shared fixtures' building blocks for the tests."
 import json
 from pathlib import Path
-from sd_lora.data import make_demo_data
 from sd_lora.config import TrainConfig
 
 

@@ -62,7 +62,6 @@ def test_bucketed_training_keeps_aspect_ratios(demo_data, tmp_path, monkeypatch,
 
 
 def test_bucketed_training_on_two_processes(demo_data, tmp_path):
-    import torch
     from sd_lora.launch import launch_train
     from helpers import tiny_config
     cfg = tiny_config(demo_data, tmp_path, aspect_ratio_buckets=True, bucket_step=16, cpu=True, max_train_steps=4,

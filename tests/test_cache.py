@@ -12,7 +12,7 @@ def test_cached_run_matches_the_uncached_run(demo_data, tmp_path):
     kw = dict(random_flip=True, max_train_steps=6, train_batch_size=3)
     plain = train(tiny_config(demo_data, tmp_path / "plain", cache_latents="off", **kw))
     fast = train(tiny_config(demo_data, tmp_path / "fast", cache_latents="memory", **kw))
-    assert fast.losses == pytest.approx(plain.losses, abs=1e-4)
+    assert fast.history.losses == pytest.approx(plain.history.losses, abs=1e-4)
     assert all(torch.allclose(plain.lora[k], fast.lora[k], atol=1e-5) for k in plain.lora)
 
 
@@ -33,7 +33,7 @@ def test_disk_cache_is_written_once_and_reused(demo_data, tmp_path):
     second = train(tiny_config(demo_data, tmp_path / "b", cache_latents="disk", latent_cache_dir=str(cache_dir),
                                random_flip=True))
     assert {p: p.stat().st_mtime_ns for p in shards} == stamps
-    assert second.losses == pytest.approx(first.losses, abs=1e-6)
+    assert second.history.losses == pytest.approx(first.history.losses, abs=1e-6)
     # another resolution is another key, so another folder
     train(tiny_config(demo_data, tmp_path / "c", cache_latents="disk", latent_cache_dir=str(cache_dir),
                       resolution=32, max_train_steps=1))
@@ -45,9 +45,9 @@ def test_merged_accumulation_trains_the_same_schedule_within_noise(demo_data, tm
     plain = train(tiny_config(demo_data, tmp_path / "plain", **kw))
     merged = train(tiny_config(demo_data, tmp_path / "merged", merge_accumulation=True, **kw))
     assert merged.global_step == plain.global_step == 6
-    assert merged.lrs == pytest.approx(plain.lrs)
-    spread = statistics.pstdev(plain.losses + merged.losses)
-    assert abs(statistics.mean(merged.losses) - statistics.mean(plain.losses)) < 2 * spread
+    assert merged.history.lrs == pytest.approx(plain.history.lrs)
+    spread = statistics.pstdev(plain.history.losses + merged.history.losses)
+    assert abs(statistics.mean(merged.history.losses) - statistics.mean(plain.history.losses)) < 2 * spread
 
 
 @pytest.mark.parametrize("model", ["sd_lora:tiny-sd", "sd_lora:tiny-sdxl"])
@@ -64,5 +64,5 @@ def test_cached_bucket_run_matches_the_uncached_bucket_run(demo_data, tmp_path, 
     assert shapes == []
     fast = train(tiny_config(demo_data, tmp_path / "fast", cache_latents="disk", **kw))
     assert len(shapes) == 6 and any(h != w for h, w in shapes)  # cached latents of 3:2 and 2:3 buckets
-    assert fast.losses == pytest.approx(plain.losses, abs=1e-4)
+    assert fast.history.losses == pytest.approx(plain.history.losses, abs=1e-4)
     assert all(torch.allclose(plain.lora[k], fast.lora[k], atol=1e-5) for k in plain.lora)

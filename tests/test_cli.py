@@ -105,7 +105,7 @@ def test_the_main_cell_does_nothing_in_a_jupyter_kernel():
     from pathlib import Path
     import nbformat
     from nbclient import NotebookClient
-    cells = json.loads(Path("nbs/05_train.ipynb").read_text())["cells"]
+    cells = json.loads(Path("nbs/05b_train.ipynb").read_text())["cells"]
     (src,) = ["".join(c["source"]) for c in cells if c["cell_type"] == "code" and '__name__ == "__main__"' in "".join(c["source"])]
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("from fastcore.imports import IN_NOTEBOOK\ndef main(): raise SystemExit('main ran')"),

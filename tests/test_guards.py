@@ -10,7 +10,6 @@ from accelerate.utils import load as accelerate_load
 from sd_lora.run import setup
 from sd_lora.train import train, train_loop
 from sd_lora.checkpoints import checkpoints
-from sd_lora.models import TINY_SD
 from faults import poison_gradients, interrupt_at_checkpoint
 from helpers import tiny_config
 
@@ -84,7 +83,6 @@ def test_missing_model_folder_fails_before_training(demo_data, tmp_path):
 
 def test_sigkill_during_checkpointing_never_leaves_a_half_checkpoint_for_latest(demo_data, tmp_path):
     "Kill -9 while checkpoints are written every step: whatever `latest` picks is complete and resumes."
-    import time
     from sd_lora.checkpoints import find_checkpoint
     out = tmp_path / "run"
     code, _ = interrupt_at_checkpoint(

@@ -3,10 +3,11 @@
 `nbdev_test` runs notebooks in its own IPython shell; users run them in a kernel, where `__name__`, display hooks,
 matplotlib's backend and the working folder differ. Cells that `nbdev_test` skips (`#| eval: false`, and the flags of
 `tst_flags` in settings.ini: gpu, slow) are left out here too; everything else must run without an error, and every
-lesson must show at least one picture.
+lesson must show at least one picture and leave no temporary folder behind.
 """
 import os
 import re
+import shutil
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -33,8 +34,15 @@ def test_the_skip_rule_is_nbdev_tests():
     assert [skipped(c) for c in parsed] == list(cells.values())
 
 
-def execute(path: Path) -> tuple[str|None, int]:
-    "Run `path` in a fresh kernel as nbdev_test would; the error (or `None`) and how many pictures it showed."
+def execute(path: Path) -> tuple[str|None, int, list[str]]:
+    "Run `path` in a fresh kernel as nbdev_test would: the error (or `None`), how many pictures it showed, and what it left in its temporary folder."
+    tmp = Path(tempfile.mkdtemp(prefix=f"nb-{path.stem}-"))
+    os.environ["TMPDIR"] = str(tmp)  # the kernel (and what it starts) inherits it: their temporary folders land here
+    try: return _execute(path) + (sorted(p.name for p in tmp.iterdir()),)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _execute(path: Path) -> tuple[str|None, int]:
     nb = nbformat.read(path, as_version=4)
     parsed = NBProcessor(path, process=True).nb.cells  # same cells, with nbdev's reading of their directives
     nb.cells = [c for c, p in zip(nb.cells, parsed) if c.cell_type != "code" or not skipped(p)]
@@ -66,6 +74,7 @@ def executed():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_a_jupyter_kernel_and_shows_a_picture(path, executed):
-    error, pictures = executed[path]
+    error, pictures, left = executed[path]
     assert error is None, f"{path.name} failed in a Jupyter kernel:\n{error}"
     assert pictures, f"{path.name} ran but shows no picture"
+    assert not left, f"{path.name} left temporary files behind: {left}"

@@ -7,10 +7,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from diffusers import StableDiffusionXLPipeline
-from sd_lora.models import TINY_SD, TINY_SD2, TINY_SDXL, load_pipeline, resolve_model
-from sd_lora.outputs import KOHYA_FILE, save_outputs
+from sd_lora.models import TINY_SD2, TINY_SDXL, load_pipeline, resolve_model
+from sd_lora.outputs import KOHYA_FILE
 from sd_lora.cache import CachedDataset
-from sd_lora.conditioning import text_encoders
 from sd_lora.run import setup
 from sd_lora.train import train, train_loop, main
 from helpers import tiny_config, read_json
@@ -99,7 +98,7 @@ def test_text_encoder_lora_resumes_exactly(demo_data, tmp_path, use_dora):
     (tmp_path / "resumed").mkdir()
     (tmp_path / "full" / "checkpoint-2").rename(tmp_path / "resumed" / "checkpoint-2")
     resumed = train(tiny_config(demo_data, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
-    assert resumed.losses == pytest.approx(full.losses[2:], abs=1e-6)
+    assert resumed.history.losses == pytest.approx(full.history.losses[2:], abs=1e-6)
     assert all(torch.allclose(full.lora[k], resumed.lora[k], atol=1e-7) for k in full.lora)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from sd_lora.models import TOY, resolve_model, load_pipeline
-from sd_lora.toy.world import BASE_COLOURS, NEW_COLOURS, COLOURS, SHAPES, world, read_colour, read_shape, prompts_for, sample, score
+from sd_lora.toy.world import BASE_COLOURS, NEW_COLOURS, COLOURS, world, read_colour, read_shape, prompts_for, sample, score
 from sd_lora.toy.lora import concept_data, teach_config, lora_scores, toy_pipeline
 from sd_lora.toy.texture import read_texture, read_stripe_colour, texture_data, texture_scores, texture_table
 from sd_lora.train import train

@@ -1,7 +1,6 @@
 "The training loop: steps, clipping, precision, accumulation, resume, outputs."
 import pytest
 import torch
-from dataclasses import replace
 from safetensors.torch import load_file
 from sd_lora.run import setup
 from sd_lora.train import train, train_step
@@ -38,15 +37,15 @@ def test_resume_mid_epoch_with_accumulation_matches_uninterrupted_run(demo_data,
     (tmp_path / "full" / "checkpoint-2").rename(tmp_path / "resumed" / "checkpoint-2")
     resumed = train(tiny_config(demo_data, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
     assert resumed.global_step == full.global_step == 5
-    assert resumed.losses == pytest.approx(full.losses[2:], abs=1e-6)
-    assert resumed.lrs == pytest.approx(full.lrs[2:])
+    assert resumed.history.losses == pytest.approx(full.history.losses[2:], abs=1e-6)
+    assert resumed.history.lrs == pytest.approx(full.history.lrs[2:])
     a, b = load_file(full.lora_path), load_file(resumed.lora_path)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
 
 
 def test_bf16_on_cpu_keeps_lora_in_fp32(demo_data, tmp_path):
     res = train(tiny_config(demo_data, tmp_path, mixed_precision="bf16"))
-    assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert all(torch.isfinite(torch.tensor(res.history.losses)))
     assert {v.dtype for v in load_file(res.lora_path).values()} == {torch.float32}
     assert read_json(tmp_path / "train_config.json")["mixed_precision"] == "bf16"
 
@@ -59,14 +58,14 @@ def test_gradient_checkpointing_gives_the_same_weights(demo_data, tmp_path):
 
 def test_v_prediction_with_min_snr_and_noise_offset_trains(demo_data, tmp_path):
     res = train(tiny_config(demo_data, tmp_path, prediction_type="v_prediction", snr_gamma=5.0, noise_offset=0.1))
-    assert len(res.losses) == 4 and all(l == l for l in res.losses)
+    assert len(res.history.losses) == 4 and all(l == l for l in res.history.losses)
     assert read_json(tmp_path / "train_config.json")["prediction_type"] == "v_prediction"
 
 
 def test_scale_lr_multiplies_by_batch_and_accumulation(demo_data, tmp_path):
     res = train(tiny_config(demo_data, tmp_path, scale_lr=True, learning_rate=1e-4, gradient_accumulation_steps=2,
                             max_train_steps=1))
-    assert res.lrs[0] == pytest.approx(1e-4 * 2 * 2)
+    assert res.history.lrs[0] == pytest.approx(1e-4 * 2 * 2)
 
 
 def test_kohya_file_loads_to_the_same_outputs(demo_data, tmp_path):
@@ -123,9 +122,9 @@ def test_logged_loss_is_the_mean_over_the_micro_steps_taken(demo_data, tmp_path)
     kw = dict(train_batch_size=4, learning_rate=0.0, max_train_steps=None, num_train_epochs=1)  # weights stay put
     single = train(tiny_config(demo_data, tmp_path / "a", gradient_accumulation_steps=1, **kw))
     accumulated = train(tiny_config(demo_data, tmp_path / "b", gradient_accumulation_steps=2, **kw))
-    assert len(single.losses) == 3 and len(accumulated.losses) == 2
-    assert accumulated.losses[0] == pytest.approx((single.losses[0] + single.losses[1]) / 2, rel=1e-5)
-    assert accumulated.losses[1] == pytest.approx(single.losses[2], rel=1e-5)  # not halved
+    assert len(single.history.losses) == 3 and len(accumulated.history.losses) == 2
+    assert accumulated.history.losses[0] == pytest.approx((single.history.losses[0] + single.history.losses[1]) / 2, rel=1e-5)
+    assert accumulated.history.losses[1] == pytest.approx(single.history.losses[2], rel=1e-5)  # not halved
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +138,7 @@ def test_compiled_unet_trains_the_same_maths(demo_data, tmp_path, eager_run, sco
     "--dynamo_backend compiles the transformer blocks or the whole UNet; on the CPU aot_eager (no code generation) checks the graphs."
     compiled = train(tiny_config(demo_data, tmp_path / "compiled", max_train_steps=4, dynamo_backend="aot_eager",
                                  dynamo_scope=scope))
-    assert compiled.losses == pytest.approx(eager_run.losses, rel=1e-5)
+    assert compiled.history.losses == pytest.approx(eager_run.history.losses, rel=1e-5)
     a, b = load_file(eager_run.lora_path), load_file(compiled.lora_path)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
@@ -159,7 +158,7 @@ def test_cuda_graphs_train_the_same_maths(demo_data, tmp_path, scope):
     eager = train(tiny_config(demo_data, tmp_path / "eager", **kw))
     graphs = train(tiny_config(demo_data, tmp_path / "graphs", dynamo_backend="inductor", dynamo_mode="reduce-overhead",
                                dynamo_scope=scope, **kw))
-    assert graphs.losses == pytest.approx(eager.losses, rel=0.05)  # bf16: fused kernels round differently
+    assert graphs.history.losses == pytest.approx(eager.history.losses, rel=0.05)  # bf16: fused kernels round differently
     a, b = load_file(eager.lora_path), load_file(graphs.lora_path)
     assert a.keys() == b.keys()
     up = [k for k in a if "lora.up" in k]  # the up matrices start at zero: they hold only what training learned

@@ -26,6 +26,8 @@ def skipped(cell) -> bool:
 def run_notebook(path: Path):
     "Execute `path` and write its outputs back into it."
     nb, raw = NBProcessor(path, process=True).nb, read_nb(path)
+    for cell in nb.cells:  # execnb keeps a cell's old outputs when it prints nothing now: start from none
+        if cell.cell_type == "code": cell.outputs = []
     shell = CaptureShell(path, mpl_format="png")
     cwd = os.getcwd()
     os.chdir(path.parent)
