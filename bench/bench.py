@@ -55,9 +55,20 @@ CONFIGS = {
                                    dynamo_backend="inductor", dynamo_mode="reduce-overhead", dynamo_scope="unet"),
     "b8-unet-compiled": dict(train_batch_size=8, dynamo_backend="inductor", dynamo_scope="unet"),
     "b32-compiled": dict(train_batch_size=32, dynamo_backend="inductor"),
+    # full fine-tuning of the whole UNet (sd_lora.finetune), the reference's documented run and its memory options
+    "finetune-documented": dict(finetune=True, train_batch_size=1, gradient_accumulation_steps=4),
+    "finetune-checkpointing": dict(finetune=True, train_batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=True),
+    "finetune-8bit-adam": dict(finetune=True, train_batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=True,
+                               use_8bit_adam=True),
+    "finetune-ema": dict(finetune=True, train_batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=True,
+                         use_ema=True),
+    "finetune-ema-offloaded": dict(finetune=True, train_batch_size=1, gradient_accumulation_steps=4,
+                                   gradient_checkpointing=True, use_ema=True, offload_ema=True),
 }
+# the full fine-tunes' memory is counted (--memory); timing them is left to a GPU
+FINETUNE = {n for n in CONFIGS if n.startswith("finetune-")}
 # by default on a GPU only: 8-bit Adam needs bitsandbytes, which CI does not install; compiling takes minutes on a CPU
-GPU_ONLY = {"b8-8bit-adam"} | {n for n in CONFIGS if "compiled" in n or "graphs" in n}
+GPU_ONLY = {"b8-8bit-adam", "finetune-8bit-adam"} | {n for n in CONFIGS if "compiled" in n or "graphs" in n}
 
 
 def sd15_folder(root: Path) -> str:
@@ -168,9 +179,11 @@ def memory_breakdown(name: str, cfg: TrainConfig) -> dict:
     mib = step_memory(run, batch)
     run.accelerator.end_training()
     out = {"config": name, "batch": next(v for v in batch.values() if torch.is_tensor(v)).shape[0],  # a small set may cut it short
-           "checkpointing": cfg.gradient_checkpointing, "weights_dtype": str(device_dtype(run.m.unet)[1]).split(".")[-1],
+           "trains": "unet" if cfg.finetune else "lora", "checkpointing": cfg.gradient_checkpointing,
+           "weights_dtype": str(device_dtype(run.m.unet)[1]).split(".")[-1], "ema_offloaded": cfg.offload_ema,
            **{f"{k}_mib": round(v, 2) for k, v in mib.items()}}
-    out["total_mib"] = round(sum(mib.values()), 2)
+    # what the accelerator holds: an offloaded EMA lives in the host's memory
+    out["total_mib"] = round(sum(v for k, v in mib.items() if not (k == "ema" and cfg.offload_ema)), 2)
     return out
 
 
@@ -194,7 +207,8 @@ def main(argv=None):
     quiet()
     cuda = torch.cuda.is_available()
     names = args.configs.split(",") if args.configs else [n for n in CONFIGS if (cuda or n not in GPU_ONLY)
-                                                                      and not (args.memory and CONFIGS[n].get("dynamo_backend"))]
+                                                                      and not (args.memory and CONFIGS[n].get("dynamo_backend"))
+                                                                      and (args.memory or n not in FINETUNE)]
     if set(names) - set(CONFIGS): p.error(f"unknown --configs {sorted(set(names) - set(CONFIGS))}: choose from {list(CONFIGS)}")
     work = Path(args.workdir); work.mkdir(parents=True, exist_ok=True)
     res = 64 if args.tiny else 512
@@ -227,12 +241,13 @@ def main(argv=None):
         gc.collect()
         if cuda: torch.cuda.empty_cache()
     if args.memory:
-        print(f"\n{device}, {report['model']} at {res} px, MiB\n| config | batch | frozen | LoRA | gradients | "
-              "optimizer | activations | total |\n|---|---|---|---|---|---|---|---|")
+        print(f"\n{device}, {report['model']} at {res} px, MiB\n| config | batch | frozen | trained | gradients | "
+              "optimizer | EMA | activations | total on the device |\n|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['config']} | failed: {r['error'][:120]} |" if "error" in r else
                   f"| {r['config']} | {r['batch']} | {r['frozen_mib']} | {r['lora_mib']} | {r['gradients_mib']} | "
-                  f"{r['optimizer_mib']} | {r['activations_mib']} | {r['total_mib']} |")
+                  f"{r['optimizer_mib']} | {r['ema_mib']}{' (host)' if r['ema_offloaded'] else ''} | "
+                  f"{r['activations_mib']} | {r['total_mib']} |")
         return save()
     print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | images/s | step (s) | startup (s) | graphs | peak GiB | GFLOP/image | MFU | mean loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -15,9 +15,9 @@ def storage_mib(tensors, # tensors on any device, possibly views of one another
     "MiB of the distinct storages behind `tensors`: views and shared weights count once."
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values()) / 2**20
 
-def step_memory(run, # a fresh `Run` from `setup` from `setup`: its LoRA takes one optimizer step
+def step_memory(run, # a fresh `Run` from `setup`: what it trains takes one optimizer step
                 batch: dict, # a micro-batch from its loader
-               ) -> dict: # MiB of frozen weights, LoRA weights, gradients, optimizer state, saved activations
+               ) -> dict: # MiB of frozen weights, trained weights ("lora"), gradients, optimizer state, EMA, saved activations
     "The memory of one micro-step by kind, counted tensor by tensor (so on any device)."
     m = run.m
     weights = [p for model in (m.unet, m.vae, *text_encoders(m)) for p in model.parameters()]
@@ -35,5 +35,6 @@ def step_memory(run, # a fresh `Run` from `setup` from `setup`: its LoRA takes o
     gradients = storage_mib([p.grad for p in lora if p.grad is not None])
     run.optimizer.optimizer.step()  # AdamW makes its state on the first step
     state = [v for s in run.optimizer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    ema = storage_mib(run.ema.shadow_params) if run.ema is not None else 0.0
     return {"frozen": storage_mib([p for p in weights if not p.requires_grad]), "lora": storage_mib(lora),
-            "gradients": gradients, "optimizer": storage_mib(state), "activations": activations}
+            "gradients": gradients, "optimizer": storage_mib(state), "ema": ema, "activations": activations}

@@ -17,7 +17,7 @@ from .lora import save_lora
 
 # %% auto #0
 __all__ = ['load_lora_into', 'register_lora_hooks', 'register_generator_hooks', 'checkpoints', 'save_checkpoint',
-           'find_checkpoint', 'load_checkpoint', 'resume_position']
+           'find_checkpoint', 'load_checkpoint', 'resume_position', 'checkpoint_trainer']
 
 # %% ../nbs/04a_checkpoints.ipynb #a5f09018
 def load_lora_into(unet, # a UNet (or text encoder) with a LoRA adapter named "default"
@@ -123,3 +123,11 @@ def resume_position(step: int, # the checkpoint's optimizer step
     "Where a run resumed at optimizer step `step` starts: its epoch, and the batches of that epoch already seen."
     epoch, done = divmod(step, steps_per_epoch)
     return epoch, done * accumulation
+
+# %% ../nbs/04a_checkpoints.ipynb #e9066736
+def checkpoint_trainer(ckpt: Path, # a `checkpoint-N` folder
+                      ) -> str|None: # "sd_lora.train", "sd_lora.finetune", or None if neither's files are there
+    "Which of our trainers wrote `ckpt`, from the files it holds."
+    if (Path(ckpt) / "model.safetensors").exists(): return "sd_lora.finetune"
+    if (Path(ckpt) / "pytorch_lora_weights.safetensors").exists(): return "sd_lora.train"
+    return None

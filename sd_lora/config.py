@@ -14,7 +14,7 @@ __all__ = ['CHOICES', 'TrainConfig', 'parse_args', 'public_config']
 # %% ../nbs/04b_config.ipynb #89e16a39
 @dataclass
 class TrainConfig:
-    "Settings of a LoRA training run; field names and defaults follow diffusers' `train_text_to_image_lora.py`."
+    "Settings of a training run (LoRA, or the whole UNet with `finetune`); names and defaults follow diffusers' scripts."
     pretrained_model_name_or_path: str = TINY_SD # a Hub id or local folder of a Stable Diffusion checkpoint
     revision: str|None = None # revision of the pretrained model on the Hub
     variant: str|None = None # weights variant of the pretrained model, e.g. fp16
@@ -27,7 +27,7 @@ class TrainConfig:
     num_validation_images: int = 4 # images generated per validation
     validation_epochs: int = 1 # validate every this many epochs
     max_train_samples: int|None = None # train on at most this many examples (for debugging or quick runs)
-    output_dir: str = "sd-model-finetuned-lora" # where the LoRA, checkpoints and logs are written
+    output_dir: str = "sd-model-finetuned-lora" # where the trained weights, checkpoints and logs are written
     cache_dir: str|None = None # where downloaded models and data sets are cached
     seed: int|None = None # seed for a reproducible run
     resolution: int = 512 # training images are resized and cropped to this square size
@@ -51,7 +51,7 @@ class TrainConfig:
     adam_beta2: float = 0.999 # AdamW beta2
     adam_weight_decay: float = 1e-2 # AdamW weight decay
     adam_epsilon: float = 1e-08 # AdamW epsilon
-    max_grad_norm: float = 1.0 # clip the LoRA gradients' total norm to this
+    max_grad_norm: float = 1.0 # clip the trained parameters' gradient norm to this
     push_to_hub: bool = False # upload the final LoRA folder to the Hub
     hub_token: str|None = None # token for the Hub (never logged or saved)
     prediction_type: str|None = None # epsilon or v_prediction; default: the scheduler's
@@ -70,6 +70,13 @@ class TrainConfig:
     train_text_encoder: bool = False # (SDXL script) also train LoRA on the text encoder(s): q_proj, k_proj, v_proj, out_proj
     debug_loss: bool = False # (SDXL script) per-image losses by file name; not supported here (use eval_samples)
     enable_npu_flash_attention: bool = False # (SDXL script) Ascend NPU attention; not supported here
+    use_ema: bool = False # (full fine-tune script) keep an exponential moving average of the trained weights: validation and the saved model use it
+    offload_ema: bool = False # (full fine-tune script) keep the EMA in CPU memory, visiting the device for each update
+    foreach_ema: bool = False # (full fine-tune script) update the EMA with multi-tensor kernels: faster, more memory at once
+    non_ema_revision: str|None = None # (full fine-tune script) the Hub revision of the UNet to train; the EMA starts from `revision`
+    input_perturbation: float = 0 # (full fine-tune script) scale of extra noise on the UNet's input only (0.1 in the paper); 0 for none
+    dream_training: bool = False # (full fine-tune script) DREAM: correct the noisy input and the target with the model's own prediction
+    dream_detail_preservation: float = 1.0 # (full fine-tune script) DREAM's detail preservation factor
     lora_alpha: float|None = None # (sd_lora) LoRA alpha; default: the rank (scale 1)
     init_lora_weights: str = "gaussian" # (sd_lora) LoRA init: gaussian (the reference's), true (peft's default), orthogonal, false
     lora_dropout: float = 0.0 # (sd_lora) dropout on the LoRA branch while training
@@ -89,6 +96,13 @@ class TrainConfig:
     cpu: bool = False # (sd_lora) train on the CPU even if a GPU is present; needed for multi-process CPU runs
     aspect_ratio_buckets: bool = False # (sd_lora) keep each image's shape: batches from buckets of about resolution x resolution pixels, not square crops
     bucket_step: int = 64 # (sd_lora) bucket sides are multiples of this: 64 for SD's UNet, 16 for the tiny models
+    finetune: bool = False # (sd_lora) train the whole UNet instead of a LoRA (`sd_lora.finetune` sets it)
+    ema_decay: float = 0.9999 # (sd_lora) the EMA's largest decay, reached after its warm-up (diffusers' EMAModel default)
+    ema_min_decay: float = 0.0 # (sd_lora) the EMA's smallest decay
+    ema_update_after_step: int = 0 # (sd_lora) optimizer steps before the EMA starts averaging
+    use_ema_warmup: bool = False # (sd_lora) warm the decay up as 1 - (1 + step / ema_inv_gamma) ** -ema_power instead of (1 + step) / (10 + step)
+    ema_inv_gamma: float = 1.0 # (sd_lora) inverse gamma of that warm-up
+    ema_power: float = 2 / 3 # (sd_lora) power of that warm-up
 
 # %% ../nbs/04b_config.ipynb #75f409f5
 CHOICES = {"mixed_precision": ["no", "fp16", "bf16"], "dynamo_backend": ["no", "inductor", "aot_eager", "eager", "cudagraphs"], "dynamo_mode": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],

@@ -101,14 +101,16 @@ def config_parser(cls, # a dataclass whose fields have defaults
                   choices: dict|None=None, # field name -> allowed values
                   description: str|None=None, # the `--help` summary (default: the class docstring)
                   prog: str|None=None, # the command's name in `--help` (default: the running script's)
+                  defaults: dict|None=None, # field name -> another default than the dataclass's
                  ) -> argparse.ArgumentParser:
     "An argparse parser with one flag per field of the dataclass `cls`, documented by its comments."
     p = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__)
-    docs, hints, choices = docments(cls), get_type_hints(cls), choices or {}
+    docs, hints, choices, defaults = docments(cls), get_type_hints(cls), choices or {}, defaults or {}
     for f in fields(cls):
-        typ, help = hints[f.name], f"{docs.get(f.name) or ''} (default: {f.default})"
+        default = defaults.get(f.name, f.default)
+        typ, help = hints[f.name], f"{docs.get(f.name) or ''} (default: {default})"
         if typ is bool: p.add_argument(f"--{f.name}", action="store_true", help=help)
         else:
             base = next(t for t in (int, float, str) if t in getattr(typ, "__args__", (typ,)))
-            p.add_argument(f"--{f.name}", type=base, default=f.default, choices=choices.get(f.name), help=help)
+            p.add_argument(f"--{f.name}", type=base, default=default, choices=choices.get(f.name), help=help)
     return p

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['noisify', 'velocity', 'target_for', 'snr', 'min_snr_weights', 'diffusion_loss', 'sample_noise']
+__all__ = ['noisify', 'velocity', 'target_for', 'snr', 'min_snr_weights', 'diffusion_loss', 'sample_noise', 'perturbed_noise']
 
 # %% ../nbs/04_diffusion.ipynb #a2ba3952
 def _at(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -85,3 +85,12 @@ def sample_noise(latents: torch.Tensor, # the latents to be noised, for shape, d
         offset = torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
         noise = noise + noise_offset * offset
     return noise
+
+# %% ../nbs/04_diffusion.ipynb #d916a102
+def perturbed_noise(noise: torch.Tensor, # the noise the target is computed from
+                    scale: float, # gamma: 0 for none, 0.1 in the paper
+                    generator: torch.Generator|None=None, # random source
+                   ) -> torch.Tensor:
+    "The noise that goes into the UNet's noisy input under input perturbation: `noise + scale * xi`."
+    if not scale: return noise
+    return noise + scale * torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)

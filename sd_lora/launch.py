@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import sys
+import tempfile
 import torch
 from accelerate import notebook_launcher
 from .config import TrainConfig
@@ -26,8 +28,14 @@ def launch_train(cfg: TrainConfig, # the run; set `cpu=True` for CPU processes
     "Start `fn(cfg)` (default `train`) in `num_processes` processes from a notebook."
     forget_accelerate_state()  # notebook_launcher refuses to start while an earlier run's state is set
     threads = max(1, (os.cpu_count() or 1) // num_processes) if cfg.cpu else None
-    with contextlib.redirect_stdout(_WithoutBanner(sys.stdout)):
-        notebook_launcher(_with_threads, (fn or train, cfg, threads), num_processes=num_processes, use_port=use_port)
+    logs, before = tempfile.mkdtemp(prefix="sd_lora-launch-"), tempfile.tempdir
+    tempfile.tempdir = logs  # torch's elastic launcher leaves a log folder in the temp folder at every launch: ours
+    try:
+        with contextlib.redirect_stdout(_WithoutBanner(sys.stdout)):
+            notebook_launcher(_with_threads, (fn or train, cfg, threads), num_processes=num_processes, use_port=use_port)
+    finally:
+        tempfile.tempdir = before
+        shutil.rmtree(logs, ignore_errors=True)
 
 class _WithoutBanner(io.TextIOBase):
     "Standard output without accelerate's launch banner, which counts CPU processes as CUDAs."

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 from .config import TrainConfig, public_config
 from .lora import save_lora, save_kohya
-from .models import model_family
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from .models import model_family, load_pipeline
 
 # %% auto #0
-__all__ = ['KOHYA_FILE', 'model_card', 'save_outputs', 'hub_files', 'push_to_hub']
+__all__ = ['KOHYA_FILE', 'model_card', 'save_outputs', 'save_pipeline', 'hub_files', 'push_to_hub']
 
 # %% ../nbs/04c_outputs.ipynb #6eda5eb9
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
@@ -26,7 +27,7 @@ def model_card(cfg: TrainConfig, # the run's settings the card reports: base mod
     variant = ", DoRA" if cfg.use_dora else ""
     base = cfg.pretrained_model_name_or_path
     load = (f"from sd_lora.models import load_pipeline  # {base} is built or shipped by sd_lora, not on the Hub\n"
-            f"pipe = load_pipeline(\"{base}\")" if base.startswith("sd_lora:") else
+            f"pipe = load_pipeline(\"{base}\")  # a {pipeline}" if base.startswith("sd_lora:") else
             f"from diffusers import {pipeline}\npipe = {pipeline}.from_pretrained(\"{base}\")")
     kohya_note = (f"`{KOHYA_FILE}` holds the same LoRA for AUTOMATIC1111, ComfyUI and kohya's sd-scripts.\n" if kohya else
                   "No kohya file: DoRA magnitudes do not survive diffusers' kohya loader; use the file above.\n")
@@ -50,6 +51,32 @@ def save_outputs(cfg: TrainConfig, # the run's settings; files go to `cfg.output
     (out / "README.md").write_text(model_card(cfg, pipeline, kohya=not cfg.use_dora))
     (out / "train_config.json").write_text(json.dumps({**public_config(cfg), **facts}, indent=2))
     return path
+
+# %% ../nbs/04c_outputs.ipynb #7996229d
+def save_pipeline(cfg: TrainConfig, # the run's settings; the folder is `cfg.output_dir`
+                  unet, # the trained UNet (the EMA's weights under `--use_ema`), unwrapped
+                  non_ema: dict|None=None, # the trained weights themselves, when the UNet holds the EMA's
+                  **facts, # what the run knows beyond its settings (process count, precision, steps)
+                 ) -> Path: # the saved UNet weights
+    "Write a full fine-tune: the base pipeline with the trained UNet, the non-EMA UNet, a model card and the settings."
+    out, vae = Path(cfg.output_dir), cfg.pretrained_vae_model_name_or_path
+    kw = {"vae": AutoencoderKL.from_pretrained(vae, cache_dir=cfg.cache_dir)} if vae else {}
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, unet=unet, **kw)
+    pipe.save_pretrained(out)
+    if non_ema is not None:
+        raw = UNet2DConditionModel.from_config(unet.config)
+        raw.load_state_dict(non_ema)
+        raw.save_pretrained(out / "unet_non_ema")
+    ema = " (the EMA of its weights; the trained ones are in `unet_non_ema/`)" if non_ema is not None else ""
+    cls = type(pipe).__name__
+    (out / "README.md").write_text(
+        f"---\nbase_model: {cfg.pretrained_model_name_or_path}\nlibrary_name: diffusers\n"
+        f"tags: [stable-diffusion, text-to-image, diffusers, sd_lora]\n---\n\n# Fine-tuned text-to-image model\n\n"
+        f"The whole UNet of `{cfg.pretrained_model_name_or_path}`{ema}, trained with sd_lora on "
+        f"`{cfg.dataset_name or cfg.train_data_dir}`: resolution {cfg.resolution}, learning rate {cfg.learning_rate}.\n\n"
+        f"```python\nfrom diffusers import {cls}\npipe = {cls}.from_pretrained(\"path/to/this/folder\")\n```\n")
+    (out / "train_config.json").write_text(json.dumps({**public_config(cfg), **facts}, indent=2))
+    return out / "unet" / "diffusion_pytorch_model.safetensors"
 
 # %% ../nbs/04c_outputs.ipynb #71a52ebd
 def hub_files(output_dir: str|Path, # the run's output folder

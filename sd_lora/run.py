@@ -16,18 +16,21 @@ from diffusers.optimization import get_scheduler
 from .core import weight_dtype
 from .data import (load_image_dataset, check_columns, drop_unreadable, drop_bad_captions, warn_long_captions,
                           ImageCaptionDataset, collate)
-from .models import load_components, model_family
+from diffusers import UNet2DConditionModel
+from .models import load_components, model_family, resolve_model
 from .lora import lora_config, add_lora, unet_targets
 from .conditioning import text_encoders, add_text_encoder_lora, caption_encoder, vae_dtype
 from .config import TrainConfig
-from .checkpoints import register_generator_hooks, register_lora_hooks, find_checkpoint, load_checkpoint, resume_position
+from .checkpoints import (register_generator_hooks, register_lora_hooks, find_checkpoint, load_checkpoint,
+                                 resume_position, checkpoint_trainer)
+from .ema import make_ema, register_ema_hooks
 from .buckets import BucketDataset
 from .cache import build_cache, cache_key, data_fingerprint, CachedDataset, collate_cached
 from .guards import preflight
 
 # %% auto #0
-__all__ = ['enable_xformers', 'setup_models', 'compile_unet', 'make_optimizer', 'make_datasets', 'cached', 'data_loader', 'Run',
-           'setup', 'forget_accelerate_state']
+__all__ = ['enable_xformers', 'check_full_finetune', 'load_non_ema_weights', 'setup_models', 'compile_unet', 'make_optimizer',
+           'make_datasets', 'cached', 'data_loader', 'Run', 'setup', 'forget_accelerate_state']
 
 # %% ../nbs/05_run.ipynb #5de4bb0a
 def enable_xformers(unet, # the UNet whose attention switches to xformers' kernels
@@ -38,6 +41,35 @@ def enable_xformers(unet, # the UNet whose attention switches to xformers' kerne
         raise RuntimeError("--enable_xformers_memory_efficient_attention needs CUDA and xformers "
                            "(pip install sd_lora[xformers]); PyTorch's SDPA attention is used by default")
     unet.enable_xformers_memory_efficient_attention()
+
+def check_full_finetune(cfg: TrainConfig, # the run's settings
+                        m, # `SDComponents`, as loaded
+                       ):
+    "Refuse, before anything trains, the settings that full fine-tuning or DREAM cannot honour."
+    if cfg.finetune and cfg.train_text_encoder:
+        raise ValueError("--train_text_encoder adds a LoRA to the text encoders; sd_lora.finetune trains the UNet "
+                         "alone, as the reference does: leave it out, or train LoRAs with sd_lora.train")
+    if cfg.non_ema_revision and not cfg.finetune:
+        raise ValueError("--non_ema_revision names the UNet weights that sd_lora.finetune trains; a LoRA run starts "
+                         "from --revision: leave it out")
+    prediction = cfg.prediction_type or m.noise_scheduler.config.prediction_type
+    if cfg.dream_training and (model_family(m.unet) == "sdxl" or prediction != "epsilon"):
+        raise ValueError("--dream_training supports SD1.x/SD2.x models that predict epsilon, as the reference does: "
+                         "leave it out for SDXL or v-prediction")
+
+def load_non_ema_weights(unet, # the UNet to train, loaded from `--revision`
+                         cfg: TrainConfig, # the run's settings: the model and its `non_ema_revision`
+                        ):
+    "Load the weights to train from `--non_ema_revision` into `unet`, in place (the EMA keeps `--revision`'s)."
+    path, rev = resolve_model(cfg.pretrained_model_name_or_path), cfg.non_ema_revision
+    if Path(path).is_dir():
+        raise ValueError(f"--non_ema_revision {rev!r}: {cfg.pretrained_model_name_or_path} is a local folder, which has "
+                         "no revisions: leave the flag out")
+    try: other = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, cache_dir=cfg.cache_dir)
+    except Exception as e:
+        raise ValueError(f"--non_ema_revision {rev!r}: no UNet of {path} at that revision could be loaded "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    with torch.no_grad(): unet.load_state_dict(other.state_dict())
 
 def setup_models(cfg: TrainConfig, # the run's settings
                  device, # where to put the models
@@ -50,11 +82,15 @@ def setup_models(cfg: TrainConfig, # the run's settings
     m = load_components(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.cache_dir,
                         cfg.pretrained_vae_model_name_or_path)
     family = model_family(m.unet)
-    for frozen in (m.unet, *text_encoders(m)): frozen.requires_grad_(False).to(device, dtype)
+    check_full_finetune(cfg, m)
+    for frozen in ((m.unet,) if not cfg.finetune else ()) + tuple(text_encoders(m)): frozen.requires_grad_(False).to(device, dtype)
     m.vae.requires_grad_(False).to(device, vae_dtype(family, dtype, cfg.pretrained_vae_model_name_or_path is not None))
-    kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, init=cfg.init_lora_weights, dropout=cfg.lora_dropout, use_dora=cfg.use_dora)
-    params = add_lora(m.unet, lora_config(target_modules=unet_targets(cfg.target_modules), **kw))
-    te_params = add_text_encoder_lora(m, cfg.gradient_checkpointing, **kw) if cfg.train_text_encoder else []
+    if cfg.finetune:  # the whole UNet trains, from fp32 master weights; mixed precision computes in half
+        params, te_params = list(m.unet.requires_grad_(True).to(device, torch.float32).parameters()), []
+    else:
+        kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, init=cfg.init_lora_weights, dropout=cfg.lora_dropout, use_dora=cfg.use_dora)
+        params = add_lora(m.unet, lora_config(target_modules=unet_targets(cfg.target_modules), **kw))
+        te_params = add_text_encoder_lora(m, cfg.gradient_checkpointing, **kw) if cfg.train_text_encoder else []
     for p in params + te_params: p.data = p.data.float()
     if cfg.gradient_checkpointing: m.unet.enable_gradient_checkpointing()
     if cfg.enable_xformers_memory_efficient_attention: enable_xformers(m.unet)
@@ -166,7 +202,7 @@ class Run:
     accelerator: Accelerator # made inside `setup`, never at import
     m: object # `SDComponents`
     unet: torch.nn.Module # the prepared UNet
-    params: list # the trainable parameters (the LoRA's)
+    params: list # the trained parameters: the LoRA's, or the whole UNet's
     dataset: ImageCaptionDataset # the training set (maybe a `CachedDataset` or `BucketDataset`)
     dataloader: object # the prepared training loader (sharded across processes)
     eval_dataloader: object|None # the prepared loader of the fixed evaluation images
@@ -181,6 +217,7 @@ class Run:
     global_step: int = 0 # optimizer steps done (after a resume: the checkpoint's)
     first_epoch: int = 0 # the epoch a resumed run starts in
     skip_batches: int = 0 # batches of `first_epoch` a resumed run already trained on
+    ema: object|None = None # the EMA of the trained parameters (`--use_ema`), from `make_ema`
 
 # %% ../nbs/05_run.ipynb #95b99184
 def setup(cfg: TrainConfig, # the run's settings
@@ -197,6 +234,8 @@ def setup(cfg: TrainConfig, # the run's settings
     if accelerator.is_main_process: preflight(out)
     if cfg.allow_tf32: torch.backends.cuda.matmul.allow_tf32 = True
     m, params, te_params = setup_models(cfg, accelerator.device, weight_dtype(accelerator.mixed_precision))
+    ema = make_ema(params + te_params, cfg) if cfg.use_ema else None  # it starts from --revision's weights
+    if cfg.non_ema_revision: load_non_ema_weights(m.unet, cfg)
 
     train_ds, eval_ds = make_datasets(cfg, m.tokenizer)
     train_ds = cached(cfg, train_ds, m, accelerator)
@@ -218,14 +257,20 @@ def setup(cfg: TrainConfig, # the run's settings
     unet, *tes, optimizer, dl, sched = accelerator.prepare(m.unet, *tes, optimizer, dl, sched)
     if eval_dl is not None: eval_dl = accelerator.prepare(eval_dl)
     generator = torch.Generator(accelerator.device).manual_seed((cfg.seed or 0) + accelerator.process_index)
-    register_lora_hooks(accelerator, unet, tes)
+    if not cfg.finetune: register_lora_hooks(accelerator, unet, tes)  # else accelerate saves the whole UNet
     register_generator_hooks(accelerator, generator)
+    if ema is not None: register_ema_hooks(accelerator, ema)
     run = Run(cfg=cfg, accelerator=accelerator, m=m, unet=unet, params=params + te_params, text_encoders=tes,
               dataset=train_ds, dataloader=dl, eval_dataloader=eval_dl, optimizer=optimizer, lr_scheduler=sched,
               generator=generator, prediction_type=m.noise_scheduler.config.prediction_type, max_train_steps=max_steps,
-              num_train_epochs=math.ceil(max_steps / steps_per_epoch), steps_per_epoch=steps_per_epoch)
+              num_train_epochs=math.ceil(max_steps / steps_per_epoch), steps_per_epoch=steps_per_epoch, ema=ema)
     if cfg.resume_from_checkpoint:
-        run.global_step = load_checkpoint(accelerator, find_checkpoint(out, cfg.resume_from_checkpoint))
+        ckpt = find_checkpoint(out, cfg.resume_from_checkpoint)
+        wrote, this = checkpoint_trainer(ckpt), "sd_lora.finetune" if cfg.finetune else "sd_lora.train"
+        if wrote not in (None, this):
+            raise ValueError(f"{ckpt} was written by {wrote}, not {this}: resume it with {wrote}, or start this run "
+                             "in another --output_dir")
+        run.global_step = load_checkpoint(accelerator, ckpt)
         run.first_epoch, run.skip_batches = resume_position(run.global_step, steps_per_epoch,
                                                             accelerator.gradient_accumulation_steps)
     return run

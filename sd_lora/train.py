@@ -17,8 +17,11 @@ from .models import device_dtype
 from .lora import lora_state_dict, unet_lora_state_dict
 from .conditioning import conditioning
 from .config import TrainConfig, parse_args, public_config
-from .outputs import save_outputs, push_to_hub
-from .diffusion import noisify, target_for, min_snr_weights, diffusion_loss, sample_noise
+from diffusers.training_utils import compute_dream_and_update_latents
+from .lora import save_lora
+from .outputs import save_outputs, save_pipeline, push_to_hub
+from .diffusion import noisify, target_for, min_snr_weights, diffusion_loss, sample_noise, perturbed_noise
+from .ema import ema_step, ema_weights
 from .checkpoints import save_checkpoint
 from .run import Run, setup
 from .validation import evaluate, validate, final_validation
@@ -26,7 +29,7 @@ from .guards import StopSignals, TrainingInterrupted, nonfinite, skipping_step, 
 
 # %% auto #0
 __all__ = ['encode_batch', 'training_loss', 'apply_update', 'train_step', 'History', 'epoch_batches', 'stop_requested',
-           'log_step', 'train_loop', 'TrainResult', 'train', 'main']
+           'log_step', 'train_loop', 'TrainResult', 'trained_weights', 'train', 'main']
 
 # %% ../nbs/05b_train.ipynb #159afbc5
 def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (latent_mean, latent_std, maybe text_embeds)
@@ -54,15 +57,22 @@ def training_loss(batch: dict, # from `collate` or `collate_cached`
                   snr_gamma: float|None=None, # Min-SNR-gamma weighting, or None
                   noise_offset: float=0.0, # noise offset scale
                   encoders: list|None=None, # the text encoders when their LoRA trains (possibly wrapped)
+                  input_perturbation: float=0.0, # extra noise on the UNet's input only (`perturbed_noise`)
+                  dream_detail_preservation: float|None=None, # DREAM's factor, or None for no DREAM
                  ) -> torch.Tensor:
     "The diffusion loss of one batch."
     latents, text, cond = encode_batch(batch, m, generator, encoders)
     ac = m.noise_scheduler.alphas_cumprod
     noise = sample_noise(latents, noise_offset, generator)
     t = torch.randint(0, len(ac), (latents.shape[0],), device=latents.device, generator=generator)
-    pred = unet(noisify(latents, noise, t, ac), t, text, **cond, return_dict=False)[0]
+    noisy = noisify(latents, perturbed_noise(noise, input_perturbation, generator), t, ac)
+    target = target_for(prediction_type, latents, noise, t, ac)
+    if dream_detail_preservation is not None:  # DREAM: the model's own prediction (no gradient) corrects both
+        noisy, target = compute_dream_and_update_latents(unet, m.noise_scheduler, t, noise, noisy, target, text,
+                                                         dream_detail_preservation)
+    pred = unet(noisy, t, text, **cond, return_dict=False)[0]
     weights = None if snr_gamma is None else min_snr_weights(t, ac, snr_gamma, prediction_type)
-    return diffusion_loss(pred, target_for(prediction_type, latents, noise, t, ac), weights)
+    return diffusion_loss(pred, target, weights)
 
 # %% ../nbs/05b_train.ipynb #7e9e0871
 def apply_update(run: Run, # the run
@@ -82,12 +92,14 @@ def train_step(run: Run, # the run
     norm = bad = None
     with acc.accumulate(run.unet, *run.text_encoders):
         loss = training_loss(batch, run.m, run.unet, run.generator, run.prediction_type, cfg.snr_gamma, cfg.noise_offset,
-                             run.text_encoders or None)
+                             run.text_encoders or None, cfg.input_perturbation,
+                             cfg.dream_detail_preservation if cfg.dream_training else None)
         acc.backward(loss)
         if acc.sync_gradients:
             norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
             bad = nonfinite(loss, norm)
             apply_update(run, bad)
+            if run.ema is not None: ema_step(run.ema, run.params, cfg.offload_ema)  # after every optimizer step
         run.lr_scheduler.step()
         run.optimizer.zero_grad()
     return loss.detach(), norm, bad
@@ -168,24 +180,35 @@ def train_loop(run: Run, # made by `setup`
             if not cfg.validation_steps and (epoch + 1) % cfg.validation_epochs == 0: validate(run)
             if run.global_step >= run.max_train_steps: break
     bar.close()
-    return History(losses=[float(l) for l in h.losses], lrs=h.lrs, grad_norms=[float(n) for n in h.grad_norms],
-                   step_times=h.step_times, skipped_steps=int(skipped.item()))
+    losses, norms = [float(l) for l in h.losses], [float(n) for n in h.grad_norms]  # the run's only bulk host reads
+    return History(losses=losses, lrs=h.lrs, grad_norms=norms, step_times=h.step_times, skipped_steps=int(skipped.item()))
 
 # %% ../nbs/05b_train.ipynb #1f843c9a
 @dataclass(kw_only=True)
 class TrainResult:
     "What a finished run returns."
     output_dir: Path # the run's folder
-    lora_path: Path # its `pytorch_lora_weights.safetensors`
+    lora_path: Path # its `pytorch_lora_weights.safetensors` (a full fine-tune's: `unet/diffusion_pytorch_model.safetensors`)
     history: History # each optimizer step's loss, learning rate, gradient norm and time; the steps skipped
     global_step: int # optimizer steps done
     eval_loss: float|None # the final fixed-noise loss (the same on every process)
-    lora: dict # the final LoRA weights (diffusers naming; text encoders' keys prefixed), as this process holds them
+    lora: dict # the final trained weights as this process holds them: the LoRA's (diffusers naming, text encoders prefixed), or a full fine-tune's UNet
     skipped_examples: int=0 # rows of the data set left out before training (unreadable images, bad captions)
+
+def trained_weights(unet, # the trained UNet, unwrapped
+                    text_encoders: list, # the trained text encoders (their LoRA), unwrapped
+                    finetune: bool, # the whole UNet trained, not a LoRA
+                   ) -> dict:
+    "The trained weights on the CPU: the LoRA's in diffusers' naming (text encoders' prefixed), or the UNet's state dict."
+    if finetune: return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+    weights = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(unet).items()}
+    for name, te in zip(("text_encoder", "text_encoder_2"), text_encoders):
+        weights |= {f"{name}.{k}": v.detach().cpu().clone() for k, v in lora_state_dict(te).items()}
+    return weights
 
 def train(cfg: TrainConfig, # the run's settings; `parse_args` makes one from command-line flags
          ) -> TrainResult:
-    "Train a UNet LoRA as `train_text_to_image_lora.py` does, and save `pytorch_lora_weights.safetensors`."
+    "Train as `train_text_to_image_lora.py` does (or, with `finetune`, as `train_text_to_image.py` does) and save the result."
     run = setup(cfg)
     acc = run.accelerator
     if cfg.report_to != "none":
@@ -197,23 +220,28 @@ def train(cfg: TrainConfig, # the run's settings; `parse_args` makes one from co
     if h.skipped_steps: warnings.warn(f"{h.skipped_steps} optimizer steps had NaN or Inf gradients and were skipped")
     if run.dataset.skipped: warnings.warn(f"trained on {len(run.dataset)} examples: {run.dataset.skipped} rows of the "
                                            "data set were skipped before training, as the warning at the start said")
-    eval_loss = evaluate(run) if run.eval_dataloader is not None else None
+    with ema_weights(run.ema, run.params): eval_loss = evaluate(run) if run.eval_dataloader is not None else None
     acc.wait_for_everyone()
     unet, tes = acc.unwrap_model(run.unet), [acc.unwrap_model(te) for te in run.text_encoders]
-    lora = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(unet).items()}
-    for name, te in zip(("text_encoder", "text_encoder_2"), tes):
-        lora |= {f"{name}.{k}": v.detach().cpu().clone() for k, v in lora_state_dict(te).items()}
-    check_finite_weights(lora)
-    lora_path = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
+    out, non_ema = Path(cfg.output_dir), None
+    if run.ema is not None:  # keep the trained weights, then put the average in the model: the saved files get it
+        if cfg.finetune: non_ema = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+        elif acc.is_main_process: save_lora(out / "non_ema", unet, text_encoders=tes)
+        run.ema.copy_to(run.params)
+    weights = trained_weights(unet, tes, cfg.finetune)
+    check_finite_weights(weights)
+    facts = dict(num_processes=acc.num_processes, mixed_precision=acc.mixed_precision, global_step=run.global_step,
+                 skipped_steps=h.skipped_steps)
+    path = out / ("unet/diffusion_pytorch_model.safetensors" if cfg.finetune else "pytorch_lora_weights.safetensors")
     if acc.is_main_process:
-        save_outputs(cfg, unet, text_encoders=tes, num_processes=acc.num_processes,
-                     mixed_precision=acc.mixed_precision, global_step=run.global_step, skipped_steps=h.skipped_steps)
+        if cfg.finetune: save_pipeline(cfg, unet, non_ema, **facts)
+        else: save_outputs(cfg, unet, text_encoders=tes, **facts)
         if cfg.validation_prompt: final_validation(acc, cfg, run.global_step)
         if cfg.push_to_hub: push_to_hub(cfg)
     acc.wait_for_everyone()
     acc.end_training()
-    return TrainResult(output_dir=Path(cfg.output_dir), lora_path=lora_path, history=h, global_step=run.global_step,
-                       eval_loss=eval_loss, lora=lora, skipped_examples=run.dataset.skipped)
+    return TrainResult(output_dir=out, lora_path=path, history=h, global_step=run.global_step, eval_loss=eval_loss,
+                       lora=weights, skipped_examples=run.dataset.skipped)
 
 # %% ../nbs/05b_train.ipynb #8869baeb
 def main(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)

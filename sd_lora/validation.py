@@ -15,6 +15,7 @@ from .models import device_dtype, load_pipeline
 from .conditioning import conditioning
 from .config import TrainConfig
 from .diffusion import noisify, target_for
+from .ema import ema_weights
 from .run import Run
 
 # %% auto #0
@@ -93,21 +94,24 @@ def log_validation(accelerator: Accelerator, # the run's accelerator (its tracke
 
 def validate(run: Run, # the run
             ):
-    "Log the fixed-noise loss (all processes) and validation images (main process)."
+    "Log the fixed-noise loss (all processes) and validation images (main process), with the EMA weights if any."
     acc = run.accelerator
-    if run.eval_dataloader is not None: acc.log({"eval_loss": evaluate(run)}, step=run.global_step)
-    if run.cfg.validation_prompt and acc.is_main_process:
-        log_validation(acc, components_pipeline(run.m, acc.unwrap_model(run.unet)), run.cfg, run.global_step)
+    with ema_weights(run.ema, run.params):  # the average, when there is one: what the saved model will hold
+        if run.eval_dataloader is not None: acc.log({"eval_loss": evaluate(run)}, step=run.global_step)
+        if run.cfg.validation_prompt and acc.is_main_process:
+            log_validation(acc, components_pipeline(run.m, acc.unwrap_model(run.unet)), run.cfg, run.global_step)
 
 # %% ../nbs/05a_validation.ipynb #eaada7f3
 def final_validation(accelerator: Accelerator, # the run's accelerator
                      cfg: TrainConfig, # the run's settings
                      step: int, # the last optimizer step, for the log
                     ) -> Path:
-    "Validate the saved file: a fresh pipeline, `load_lora_weights`, the validation prompt."
+    "Validate the saved files: a fresh pipeline with `load_lora_weights` (or the saved pipeline), the validation prompt."
     vae = cfg.pretrained_vae_model_name_or_path
     kw = {"vae": AutoencoderKL.from_pretrained(vae, cache_dir=cfg.cache_dir)} if vae else {}
-    pipe = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, **kw).to(accelerator.device)
+    if cfg.finetune: pipe = load_pipeline(cfg.output_dir).to(accelerator.device)  # the saved pipeline, as users load it
+    else:
+        pipe = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, **kw).to(accelerator.device)
+        pipe.load_lora_weights(cfg.output_dir)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(cfg.output_dir)
     return log_validation(accelerator, pipe, cfg, step, name="final")

@@ -76,6 +76,22 @@ def test_memory_mode_breaks_a_step_down_by_kind(tmp_path):
     assert "| b8-checkpointing | 8 |" in r.stdout
 
 
+def test_memory_mode_counts_a_full_fine_tune_and_its_ema(tmp_path):
+    "The whole UNet trains: its weights, gradients, AdamW's two moments and the EMA's copy, each counted once."
+    out = tmp_path / "memory.json"
+    r = subprocess.run([sys.executable, "bench/bench.py", "--tiny", "--memory", "--images", "8", "--configs",
+                        "documented,finetune-documented,finetune-ema,finetune-ema-offloaded", "--workdir", str(tmp_path),
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lora, full, ema, offloaded = json.loads(out.read_text())["results"]
+    assert full["trains"] == "unet" and full["lora_mib"] > 50 * lora["lora_mib"]
+    assert full["frozen_mib"] < lora["frozen_mib"]  # the UNet moved from frozen to trained
+    assert full["gradients_mib"] == full["lora_mib"] and full["ema_mib"] == 0
+    assert full["optimizer_mib"] == pytest.approx(2 * full["lora_mib"], rel=0.01)
+    assert ema["ema_mib"] == ema["lora_mib"] and ema["total_mib"] == pytest.approx(offloaded["total_mib"] + ema["ema_mib"])
+    assert "(host)" in r.stdout
+
+
 def test_a_compiled_configuration_really_compiles(tmp_path):
     """Each row counts the graphs torch.compile made. FLOPs are counted after the timed steps: a compiled module first
     called under FlopCounterMode stays eager for good, which once made every compiled row an eager one."""

@@ -38,7 +38,8 @@ def execute(path: Path) -> tuple[str|None, int, list[str]]:
     "Run `path` in a fresh kernel as nbdev_test would: the error (or `None`), how many pictures it showed, and what it left in its temporary folder."
     tmp = Path(tempfile.mkdtemp(prefix=f"nb-{path.stem}-"))
     os.environ["TMPDIR"] = str(tmp)  # the kernel (and what it starts) inherits it: their temporary folders land here
-    try: return _execute(path) + (sorted(p.name for p in tmp.iterdir()),)
+    try:  # torch's compile cache (torchinductor_USER) is shared and reused across runs, as ~/.cache would be
+        return _execute(path) + (sorted(p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")),)
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
 
