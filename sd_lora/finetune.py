@@ -4,12 +4,10 @@
 
 # %% ../nbs/05c_finetune.ipynb #d1d31078
 from __future__ import annotations
-import sys
 from fastcore.imports import IN_NOTEBOOK
-from .core import quiet, config_parser
+from .core import config_parser
 from .config import TrainConfig, CHOICES
-from .guards import TrainingInterrupted
-from .train import train
+from .train import main as train_main
 
 # %% auto #0
 __all__ = ['parse_finetune_args', 'main']
@@ -26,12 +24,7 @@ def parse_finetune_args(argv: list[str]|None=None, # the flags (default: `sys.ar
 def main(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)
         ):
     "Command-line entry point: `sd_lora_finetune`, `python -m sd_lora.finetune`, `accelerate launch -m sd_lora.finetune`."
-    quiet()
-    try: res = train(parse_finetune_args(argv))
-    except TrainingInterrupted as e:
-        print(e, file=sys.stderr)
-        sys.exit(128 + e.signum)
-    print(f"Saved {res.output_dir}")
+    train_main(argv, parse_finetune_args)
 
 # %% ../nbs/05c_finetune.ipynb #5316f156
 #| eval: false

@@ -245,10 +245,11 @@ def train(cfg: TrainConfig, # the run's settings; `parse_args` makes one from co
 
 # %% ../nbs/05b_train.ipynb #8869baeb
 def main(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)
+         parse=parse_args, # reads the flags into a `TrainConfig` (the full fine-tuner passes its own)
         ):
     "Command-line entry point: `sd_lora_train`, `python -m sd_lora.train`, `accelerate launch -m sd_lora.train`."
     quiet()
-    try: res = train(parse_args(argv))
+    try: res = train(parse(argv))
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
