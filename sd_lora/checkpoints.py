@@ -4,11 +4,14 @@
 
 # %% ../nbs/04a_checkpoints.ipynb #ebc0bb7e
 from __future__ import annotations
+import errno
 import pickle
 import shutil
+import uuid
 from pathlib import Path
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.utils import set_peft_model_state_dict
@@ -16,8 +19,10 @@ from safetensors.torch import save_file, load_file
 from .lora import save_lora
 
 # %% auto #0
-__all__ = ['load_lora_into', 'register_lora_hooks', 'register_generator_hooks', 'checkpoints', 'save_checkpoint',
-           'find_checkpoint', 'load_checkpoint', 'resume_position', 'checkpoint_trainer']
+__all__ = ['load_lora_into', 'register_lora_hooks', 'register_generator_hooks', 'checkpoints', 'folder_writer', 'any_process',
+           'disk_full', 'CheckpointNotSaved', 'not_saved_message', 'save_checkpoint', 'find_checkpoint',
+           'load_checkpoint', 'share_output_dir', 'agreed_checkpoint', 'deepspeed_safe_globals',
+           'check_deepspeed_pickles', 'resume_position', 'checkpoint_trainer']
 
 # %% ../nbs/04a_checkpoints.ipynb #a5f09018
 def load_lora_into(unet, # a UNet (or text encoder) with a LoRA adapter named "default"
@@ -38,7 +43,7 @@ def register_lora_hooks(accelerator: Accelerator, # the run's accelerator, whose
                        ):
     "Make `save_state`/`load_state` write and read only the LoRA weights."
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
+        if folder_writer(accelerator):
             save_lora(output_dir, accelerator.unwrap_model(unet), text_encoders=[accelerator.unwrap_model(te) for te in text_encoders])
         weights.clear()
     def load_hook(models, input_dir):
@@ -72,18 +77,60 @@ def checkpoints(output_dir: str|Path, # the run's output folder
     ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))
 
+def folder_writer(accelerator: Accelerator, # the run's accelerator
+                 ) -> bool:
+    "Whether this process writes the files its output folder shares: the main process, or each machine's first."
+    on_each = accelerator.project_configuration.save_on_each_node  # set by `share_output_dir`
+    return accelerator.is_local_main_process if on_each else accelerator.is_main_process
+
+def any_process(accelerator: Accelerator, # the run's accelerator
+                flag: bool, # this process's answer
+               ) -> bool:
+    "Whether `flag` is set on any process (every process gets the same answer)."
+    if accelerator.num_processes == 1: return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item() > 0
+
+def disk_full(e: BaseException|None, # what writing raised
+             ) -> bool:
+    "Whether `e` says the disk (or a quota) is full: an `OSError`, safetensors' error or torch's writer's."
+    return getattr(e, "errno", None) == errno.ENOSPC or any(s in str(e) for s in ("No space left", "file write failed"))
+
+class CheckpointNotSaved(RuntimeError):
+    "A checkpoint could not be written; its partial folder is gone and the earlier ones are intact."
+
+def not_saved_message(output_dir: Path, # the run's output folder
+                      step: int, # the checkpoint's step
+                      error: BaseException|None, # what this process met, or None if another process failed
+                     ) -> str:
+    "What went wrong, what is left and how to go on, for a checkpoint that could not be written."
+    why = ("the disk is full" if disk_full(error) else f"{type(error).__name__}: {error}" if error else
+           "another process could not write its part; its own message says why")
+    kept = [p for p in checkpoints(output_dir) if p.name != f"checkpoint-{step}"] or checkpoints(output_dir)
+    free = shutil.disk_usage(output_dir).free / 2**30
+    then = (f"{kept[-1]} is intact: free some space ({free:.2f} GiB free now), then continue with "
+            "--resume_from_checkpoint latest" if kept else "no earlier checkpoint exists: free some space and start again")
+    return f"checkpoint-{step} could not be saved in {output_dir} ({why}); its partial folder was removed. {then}"
+
 def save_checkpoint(accelerator: Accelerator, # the run's accelerator
                     output_dir: str|Path, # the run's output folder
                     step: int, # the optimizer step, part of the folder's name
                     total_limit: int|None=None, # keep at most this many checkpoints
                    ) -> Path:
-    "Save a resumable checkpoint `checkpoint-{step}`, keeping at most `total_limit`."
-    final, tmp = Path(output_dir) / f"checkpoint-{step}", Path(output_dir) / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process and total_limit is not None:
-        old = checkpoints(output_dir)
+    "Save `checkpoint-{step}` from every process, renamed once all have written; keep at most `total_limit`."
+    out = Path(output_dir)
+    final, tmp, writer = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}", folder_writer(accelerator)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if writer and total_limit is not None:
+        old = checkpoints(out)
         for p in old[:max(0, len(old) - total_limit + 1)]: shutil.rmtree(p)
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
+    try: error = accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {})) and None
+    except Exception as e: error = e
+    # DeepSpeed's save has barriers of its own: a process that failed there just ends, and so do its peers
+    if error is not None if deepspeed else any_process(accelerator, error is not None):
+        if writer or error is not None: shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointNotSaved(not_saved_message(out, step, error)) from error
+    accelerator.wait_for_everyone()  # every process has written its part before any folder is renamed
+    if writer:
         if final.exists(): shutil.rmtree(final)  # the same step saved again (e.g. after a resume): replace it
         tmp.rename(final)
     accelerator.wait_for_everyone()
@@ -108,12 +155,70 @@ def load_checkpoint(accelerator: Accelerator, # the run's accelerator, with its 
                     ckpt: Path, # a `checkpoint-N` folder
                    ) -> int: # N, the optimizer step the checkpoint was saved at
     "Restore `ckpt` through `load_state`, which reads tensors and plain values only; returns its step."
-    try: accelerator.load_state(str(ckpt))
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    try:
+        if deepspeed: check_deepspeed_pickles(ckpt)  # DeepSpeed itself loads with weights_only=False
+        accelerator.load_state(str(ckpt), **({"load_module_strict": False} if deepspeed else {}))  # frozen weights not saved
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met something other than tensors
         raise ValueError(f"{ckpt} holds objects other than tensors and plain values ({str(e).splitlines()[0]}); "
                          "loading them could run arbitrary code, so sd_lora refuses. Resume only from checkpoints "
                          "you wrote, or delete this one") from None
     return int(Path(ckpt).name.split("-")[1])
+
+# %% ../nbs/04a_checkpoints.ipynb #7f20baf9
+def share_output_dir(accelerator: Accelerator, # the run's accelerator, before anything is saved
+                     output_dir: str|Path, # the run's output folder, as this machine sees it
+                    ) -> bool: # whether every machine sees the same folder
+    "Find whether the machines share `output_dir`; if each has its own, each machine's first process writes there."
+    if accelerator.num_processes == 1: return True
+    out, local_main = Path(output_dir), accelerator.is_local_main_process
+    token = broadcast_object_list([uuid.uuid4().hex])[0]  # the main process's, so stale notes never count
+    note = out / f".sd_lora-machine-{accelerator.process_index}"
+    if local_main: out.mkdir(parents=True, exist_ok=True); note.write_text(token)
+    accelerator.wait_for_everyone()
+    seen = gather_object([sum(p.read_text() == token for p in out.glob(".sd_lora-machine-*"))] if local_main else [])
+    accelerator.wait_for_everyone()
+    if local_main: note.unlink()
+    if len(set(seen)) > 1 or (seen[0] != 1 and seen[0] != len(seen)):
+        raise ValueError(f"some machines share --output_dir {out} and others do not (notes seen per machine: {seen}): "
+                         "give every machine a folder of its own, or put it on a disk they all share")
+    shared = seen[0] == len(seen)
+    accelerator.project_configuration.save_on_each_node = not shared
+    if not shared and accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed's files too, per machine
+        accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
+    return shared
+
+def agreed_checkpoint(accelerator: Accelerator, # the run's accelerator
+                      output_dir: str|Path, # the run's output folder, as this machine sees it
+                      resume_from_checkpoint: str, # "latest", a folder, or a name in output_dir
+                     ) -> Path:
+    "`find_checkpoint` on every process, refusing to resume when they do not find the same step."
+    try: ckpt, why = find_checkpoint(output_dir, resume_from_checkpoint), None
+    except FileNotFoundError as e: ckpt, why = None, str(e)
+    found = gather_object([(accelerator.process_index, ckpt and ckpt.name, why)]) if accelerator.num_processes > 1 else []
+    if len({name for _, name, _ in found}) > 1 or (found and found[0][1] is None):
+        each = "; ".join(f"process {r}: {name or why}" for r, name, why in found)
+        raise FileNotFoundError(f"the processes do not find the same checkpoint to resume from ({each}). Resume from "
+                                "one that every machine holds (--resume_from_checkpoint checkpoint-N), or copy the "
+                                "missing checkpoint-N folders to the machines that lack them")
+    if why: raise FileNotFoundError(why)
+    return ckpt
+
+def deepspeed_safe_globals() -> list:
+    "The classes DeepSpeed's ZeRO checkpoints hold besides tensors and plain values: records, no code."
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+def check_deepspeed_pickles(ckpt: Path, # a checkpoint written under DeepSpeed
+                            allowed: list|None=None, # classes allowed besides tensors and plain values (default: DeepSpeed's records)
+                           ):
+    "Refuse a DeepSpeed checkpoint whose pickles hold more than tensors, plain values and DeepSpeed's records."
+    allowed = deepspeed_safe_globals() if allowed is None else allowed
+    for f in sorted(Path(ckpt).rglob("*.pt")):  # DeepSpeed itself reads them with weights_only=False
+        with torch.serialization.safe_globals(allowed):
+            torch.load(f, map_location="cpu", weights_only=True)  # raises pickle.UnpicklingError on anything else
 
 # %% ../nbs/04a_checkpoints.ipynb #c03d4b26
 def resume_position(step: int, # the checkpoint's optimizer step

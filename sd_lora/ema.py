@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file, load_file
 from .config import TrainConfig
+from .checkpoints import folder_writer
 
 # %% auto #0
 __all__ = ['EMA_FILE', 'make_ema', 'ema_step', 'ema_weights', 'register_ema_hooks']
@@ -62,7 +63,7 @@ def register_ema_hooks(accelerator: Accelerator, # the run's accelerator
                       ):
     "Make `save_state`/`load_state` save and restore `ema` as `ema.safetensors`."
     def save_hook(models, weights, output_dir):
-        if not accelerator.is_main_process: return
+        if not folder_writer(accelerator): return  # one process per output folder
         tensors = {f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}
         save_file(tensors | {"optimization_step": torch.tensor(ema.optimization_step)}, str(Path(output_dir) / EMA_FILE))
     def load_hook(models, input_dir):

@@ -4,6 +4,8 @@
 
 # %% ../nbs/04e_guards.ipynb #106e048e
 from __future__ import annotations
+import importlib.util
+import os
 import shutil
 import signal
 import threading
@@ -12,7 +14,7 @@ import torch
 
 # %% auto #0
 __all__ = ['NONFINITE_ADVICE', 'preflight', 'StopSignals', 'TrainingInterrupted', 'nonfinite', 'skipping_step',
-           'check_finite_weights']
+           'check_finite_weights', 'refusal']
 
 # %% ../nbs/04e_guards.ipynb #8cf8adca
 def preflight(output_dir: str|Path, # where the run will write
@@ -22,7 +24,7 @@ def preflight(output_dir: str|Path, # where the run will write
     out = Path(output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".sd_lora_write_test"
+        probe = out / f".sd_lora_write_test-{os.getpid()}"  # one per process: machines may share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -80,3 +82,18 @@ def check_finite_weights(state_dict: dict, # the weights about to be saved
     "Refuse to save weights that contain NaN or Inf."
     bad = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
     if bad: raise FloatingPointError(f"not saving: {len(bad)} LoRA tensors hold NaN or Inf, e.g. {bad[0]}")
+
+# %% ../nbs/04e_guards.ipynb #76f097f9
+def refusal(e: BaseException, # what a run raised
+            prog: str="sd_lora", # the command's name, for the message
+            package: Path|None=None, # the folder whose code raises refusals (default: sd_lora's)
+           ) -> str|None: # the line to print, or None to let the traceback show
+    "The one-line message of an error that sd_lora's own code raised on purpose; None for anything else."
+    package = package or Path(importlib.util.find_spec("sd_lora").origin).parent
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None: tb = tb.tb_next
+    ours = tb is not None and package in Path(tb.tb_frame.f_code.co_filename).resolve().parents
+    kinds = (ValueError, OSError, RuntimeError, ImportError, FloatingPointError)
+    if not ours or not isinstance(e, kinds) or os.environ.get("SD_LORA_TRACEBACK"): return None
+    rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    return f"{rank}{prog}: error: {e}"

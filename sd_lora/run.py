@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from .core import weight_dtype
 from .data import (load_image_dataset, check_columns, drop_unreadable, drop_bad_captions, warn_long_captions,
@@ -21,8 +21,9 @@ from .models import load_components, model_family, resolve_model
 from .lora import lora_config, add_lora, unet_targets
 from .conditioning import text_encoders, add_text_encoder_lora, caption_encoder, vae_dtype
 from .config import TrainConfig
-from .checkpoints import (register_generator_hooks, register_lora_hooks, find_checkpoint, load_checkpoint,
-                                 resume_position, checkpoint_trainer)
+from .checkpoints import (register_generator_hooks, register_lora_hooks, agreed_checkpoint, load_checkpoint,
+                                 resume_position, checkpoint_trainer, share_output_dir)
+from .backends import make_accelerator
 from .ema import make_ema, register_ema_hooks
 from .buckets import BucketDataset
 from .cache import build_cache, cache_key, data_fingerprint, CachedDataset, collate_cached
@@ -224,14 +225,10 @@ def setup(cfg: TrainConfig, # the run's settings
          ) -> Run:
     "Build the accelerator, models, data, optimizer and schedule of a run, and resume if asked."
     out = Path(cfg.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=1 if cfg.merge_accumulation else cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to, cpu=cfg.cpu,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    accelerator = make_accelerator(cfg, 1 if cfg.merge_accumulation else cfg.gradient_accumulation_steps)
     if cfg.seed is not None: set_seed(cfg.seed)
-    if accelerator.is_main_process: preflight(out)
+    if accelerator.is_local_main_process: preflight(out)  # each machine checks its own disk
+    share_output_dir(accelerator, out)
     if cfg.allow_tf32: torch.backends.cuda.matmul.allow_tf32 = True
     m, params, te_params = setup_models(cfg, accelerator.device, weight_dtype(accelerator.mixed_precision))
     ema = make_ema(params + te_params, cfg) if cfg.use_ema else None  # it starts from --revision's weights
@@ -250,7 +247,7 @@ def setup(cfg: TrainConfig, # the run's settings
                                cfg.adam_weight_decay, cfg.adam_epsilon, cfg.use_8bit_adam)
     steps_per_epoch = math.ceil(math.ceil(len(dl) / n) / accelerator.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
-    # the prepared scheduler steps once per process each optimizer step, hence the factor n
+    # the prepared scheduler steps once per process each optimizer step (under DeepSpeed too), hence the factor n
     sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * n,
                           num_training_steps=max_steps * n)
     tes = text_encoders(m) if te_params else []
@@ -265,7 +262,7 @@ def setup(cfg: TrainConfig, # the run's settings
               generator=generator, prediction_type=m.noise_scheduler.config.prediction_type, max_train_steps=max_steps,
               num_train_epochs=math.ceil(max_steps / steps_per_epoch), steps_per_epoch=steps_per_epoch, ema=ema)
     if cfg.resume_from_checkpoint:
-        ckpt = find_checkpoint(out, cfg.resume_from_checkpoint)
+        ckpt = agreed_checkpoint(accelerator, out, cfg.resume_from_checkpoint)
         wrote, this = checkpoint_trainer(ckpt), "sd_lora.finetune" if cfg.finetune else "sd_lora.train"
         if wrote not in (None, this):
             raise ValueError(f"{ckpt} was written by {wrote}, not {this}: resume it with {wrote}, or start this run "

@@ -25,11 +25,14 @@ from .ema import ema_step, ema_weights
 from .checkpoints import save_checkpoint
 from .run import Run, setup
 from .validation import evaluate, validate, final_validation
-from .guards import StopSignals, TrainingInterrupted, nonfinite, skipping_step, check_finite_weights, NONFINITE_ADVICE
+from .guards import (StopSignals, TrainingInterrupted, nonfinite, skipping_step, check_finite_weights,
+                            NONFINITE_ADVICE, refusal)
+from accelerate import PartialState
+from accelerate.utils import DistributedType
 
 # %% auto #0
-__all__ = ['encode_batch', 'training_loss', 'apply_update', 'train_step', 'History', 'epoch_batches', 'stop_requested',
-           'log_step', 'train_loop', 'TrainResult', 'trained_weights', 'train', 'main']
+__all__ = ['encode_batch', 'training_loss', 'apply_update', 'deepspeed_grad_norm', 'train_step', 'History', 'epoch_batches',
+           'stop_requested', 'log_step', 'train_loop', 'TrainResult', 'trained_weights', 'train', 'main']
 
 # %% ../nbs/05b_train.ipynb #159afbc5
 def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (latent_mean, latent_std, maybe text_embeds)
@@ -84,6 +87,11 @@ def apply_update(run: Run, # the run
     # fp16's gradient scaler skips non-finite steps itself; any other optimizer needs the flag on the host
     if run.optimizer.scaler is not None or not bad.item(): run.optimizer.step()
 
+def deepspeed_grad_norm(run: Run, # a run under DeepSpeed, just after its optimizer step
+                       ) -> torch.Tensor:
+    "The gradients' norm before clipping, as DeepSpeed computed it (zero where it computed none)."
+    return torch.as_tensor(run.unet.get_global_grad_norm() or 0.0, dtype=torch.float32, device=run.accelerator.device)
+
 def train_step(run: Run, # the run
                batch: dict, # a micro-batch from the loader
               ) -> tuple[torch.Tensor, torch.Tensor|None, torch.Tensor|None]:
@@ -96,9 +104,10 @@ def train_step(run: Run, # the run
                              cfg.dream_detail_preservation if cfg.dream_training else None)
         acc.backward(loss)
         if acc.sync_gradients:
-            norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+            deepspeed = acc.distributed_type == DistributedType.DEEPSPEED  # its backward has clipped and stepped
+            norm = deepspeed_grad_norm(run) if deepspeed else acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
             bad = nonfinite(loss, norm)
-            apply_update(run, bad)
+            if not deepspeed: apply_update(run, bad)
             if run.ema is not None: ema_step(run.ema, run.params, cfg.offload_ema)  # after every optimizer step
         run.lr_scheduler.step()
         run.optimizer.zero_grad()
@@ -253,7 +262,11 @@ def main(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
-    print(f"Saved {res.lora_path}")
+    except Exception as e:  # our own refusals print as one line; anything else keeps its traceback
+        if (message := refusal(e)) is None: raise
+        print(message, file=sys.stderr)
+        sys.exit(1)
+    if PartialState().is_main_process: print(f"Saved {res.lora_path}")  # the process that wrote it
 
 # %% ../nbs/05b_train.ipynb #7a14e21a
 #| eval: false
