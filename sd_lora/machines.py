@@ -35,8 +35,9 @@ def start_machines(commands: list[list[str]], # one command per machine
                    env: dict|None=None, # the environment (default: this process's)
                   ) -> list[subprocess.Popen]:
     "Start every machine's command at once, each logging to its own file."
-    Path(logs).mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ if env is None else env)
+    (Path(logs) / "tmp").mkdir(parents=True, exist_ok=True)
+    # torch's elastic launcher leaves a folder in the temp folder at every launch: keep them beside the logs
+    env = dict(os.environ if env is None else env) | {"TMPDIR": str(Path(logs) / "tmp")}
     return [subprocess.Popen(cmd, stdout=open(Path(logs) / f"machine-{i}.log", "w"), stderr=subprocess.STDOUT, env=env)
             for i, cmd in enumerate(commands)]
 
