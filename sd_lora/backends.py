@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from .config import TrainConfig
 
 # %% auto #0
-__all__ = ['FSDP_ON_CPU', 'FSDP_NOT_YET', 'launch_backend', 'check_backend', 'fit_deepspeed_config', 'check_world',
-           'make_accelerator']
+__all__ = ['FSDP_ON_CPU', 'FSDP_NOT_YET', 'launch_backend', 'LaunchRefused', 'check_backend', 'fit_deepspeed_config',
+           'check_world', 'make_accelerator']
 
 # %% ../nbs/04h_backends.ipynb #a0a7cc2f
 def launch_backend(env: dict|None=None, # the environment to read (default: this process's)
@@ -21,10 +21,13 @@ def launch_backend(env: dict|None=None, # the environment to read (default: this
     "The distributed backend that `accelerate launch` (or its config file) chose for this process."
     env = os.environ if env is None else env
     for name in ("deepspeed", "fsdp"):
-        if env.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() in ("1", "true", "yes"): return name
+        if env.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() == "true": return name  # as accelerate reads it
     return "ddp"
 
 # %% ../nbs/04h_backends.ipynb #a4418cac
+class LaunchRefused(RuntimeError):
+    "A launch that would train other than asked (alone, or with another backend), refused before anything loads."
+
 FSDP_ON_CPU = ("FSDP needs GPUs: through accelerate on CPU processes it would silently train with DDP instead. "
                "On CPUs launch with DeepSpeed ZeRO (accelerate launch --use_deepspeed, which sd_lora runs over gloo) "
                "or with DDP (accelerate launch --multi_gpu ... --cpu)")
@@ -38,7 +41,11 @@ def check_backend(cfg: TrainConfig, # the run's settings
                   cuda: bool, # whether CUDA is available
                  ):
     "Refuse, before anything loads, a backend this run cannot use as asked."
-    if backend == "fsdp": raise RuntimeError(FSDP_ON_CPU if cfg.cpu or not cuda else FSDP_NOT_YET)
+    if backend == "fsdp": raise LaunchRefused(FSDP_ON_CPU if cfg.cpu or not cuda else FSDP_NOT_YET)
+    if backend == "deepspeed" and cfg.cpu and cuda:
+        raise LaunchRefused("--cpu under DeepSpeed on a machine with CUDA: accelerate would put DeepSpeed on the GPUs "
+                            "anyway. To train on the CPUs, hide the GPUs: CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu "
+                            "accelerate launch --use_deepspeed ...; to train on the GPUs, leave out --cpu")
     if backend == "deepspeed" and cfg.train_text_encoder:
         raise ValueError("--train_text_encoder under DeepSpeed: a DeepSpeed engine trains one model, and the text "
                          "encoders' LoRA would be a second one. Train the UNet's LoRA alone under DeepSpeed, or "
@@ -73,7 +80,7 @@ def check_world(num_processes: int, # the processes the Accelerator found
     "Refuse a process that was launched to meet other machines but trains alone."
     env = os.environ if env is None else env
     if num_processes == 1 and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
-        raise RuntimeError(f"this process was launched to meet other machines at {env['MASTER_ADDR']}:"
+        raise LaunchRefused(f"this process was launched to meet other machines at {env['MASTER_ADDR']}:"
                            f"{env.get('MASTER_PORT', '?')} but its world has one process, so it would train alone: "
                            "accelerate launch --cpu starts each machine by itself. Launch every machine with "
                            "--multi_gpu --num_machines N --machine_rank R --num_processes TOTAL (on CPUs too; "
@@ -94,5 +101,5 @@ def make_accelerator(cfg: TrainConfig, # the run's settings
                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     check_world(acc.num_processes)
-    if backend == "deepspeed": fit_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, accumulation, cfg.max_grad_norm)
+    if acc.distributed_type == DistributedType.DEEPSPEED: fit_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, accumulation, cfg.max_grad_norm)
     return acc

@@ -9,6 +9,7 @@ import pickle
 import shutil
 import uuid
 from pathlib import Path
+import safetensors
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
@@ -20,7 +21,7 @@ from .lora import save_lora
 
 # %% auto #0
 __all__ = ['load_lora_into', 'register_lora_hooks', 'register_generator_hooks', 'checkpoints', 'folder_writer', 'any_process',
-           'disk_full', 'CheckpointNotSaved', 'not_saved_message', 'save_checkpoint', 'find_checkpoint',
+           'disk_full', 'write_failed', 'CheckpointNotSaved', 'not_saved_message', 'save_checkpoint', 'find_checkpoint',
            'load_checkpoint', 'share_output_dir', 'agreed_checkpoint', 'deepspeed_safe_globals',
            'check_deepspeed_pickles', 'resume_position', 'checkpoint_trainer']
 
@@ -93,7 +94,13 @@ def any_process(accelerator: Accelerator, # the run's accelerator
 def disk_full(e: BaseException|None, # what writing raised
              ) -> bool:
     "Whether `e` says the disk (or a quota) is full: an `OSError`, safetensors' error or torch's writer's."
-    return getattr(e, "errno", None) == errno.ENOSPC or any(s in str(e) for s in ("No space left", "file write failed"))
+    return (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            or any(s in str(e) for s in ("No space left", "Disk quota exceeded", "file write failed")))
+
+def write_failed(e: BaseException|None, # what saving raised
+                ) -> bool:
+    "Whether `e` is a failure to write (a full disk, a lost mount, a permission), not a bug in the saving code."
+    return isinstance(e, (OSError, safetensors.SafetensorError)) or disk_full(e)
 
 class CheckpointNotSaved(RuntimeError):
     "A checkpoint could not be written; its partial folder is gone and the earlier ones are intact."
@@ -106,9 +113,10 @@ def not_saved_message(output_dir: Path, # the run's output folder
     why = ("the disk is full" if disk_full(error) else f"{type(error).__name__}: {error}" if error else
            "another process could not write its part; its own message says why")
     kept = [p for p in checkpoints(output_dir) if p.name != f"checkpoint-{step}"] or checkpoints(output_dir)
-    free = shutil.disk_usage(output_dir).free / 2**30
-    then = (f"{kept[-1]} is intact: free some space ({free:.2f} GiB free now), then continue with "
-            "--resume_from_checkpoint latest" if kept else "no earlier checkpoint exists: free some space and start again")
+    fix = f"free some space ({shutil.disk_usage(output_dir).free / 2**30:.2f} GiB free now)" if disk_full(error) else \
+          "fix what the message says"
+    then = (f"{kept[-1]} is intact: {fix}, then continue with --resume_from_checkpoint latest" if kept else
+            f"no earlier checkpoint exists: {fix} and start again")
     return f"checkpoint-{step} could not be saved in {output_dir} ({why}); its partial folder was removed. {then}"
 
 def save_checkpoint(accelerator: Accelerator, # the run's accelerator
@@ -116,23 +124,26 @@ def save_checkpoint(accelerator: Accelerator, # the run's accelerator
                     step: int, # the optimizer step, part of the folder's name
                     total_limit: int|None=None, # keep at most this many checkpoints
                    ) -> Path:
-    "Save `checkpoint-{step}` from every process, renamed once all have written; keep at most `total_limit`."
+    "Save `checkpoint-{step}` from every process, renamed once all have written; then keep at most `total_limit`."
     out = Path(output_dir)
     final, tmp, writer = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}", folder_writer(accelerator)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if writer and total_limit is not None:
-        old = checkpoints(out)
-        for p in old[:max(0, len(old) - total_limit + 1)]: shutil.rmtree(p)
-    try: error = accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {})) and None
+    if writer and tmp.exists(): shutil.rmtree(tmp)  # left by a crash: never mix its files into this checkpoint
+    accelerator.wait_for_everyone()
+    error = None
+    try: accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {}))
     except Exception as e: error = e
     # DeepSpeed's save has barriers of its own: a process that failed there just ends, and so do its peers
     if error is not None if deepspeed else any_process(accelerator, error is not None):
         if writer or error is not None: shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None and not write_failed(error): raise error  # a bug, not the disk: keep its traceback
         raise CheckpointNotSaved(not_saved_message(out, step, error)) from error
     accelerator.wait_for_everyone()  # every process has written its part before any folder is renamed
     if writer:
         if final.exists(): shutil.rmtree(final)  # the same step saved again (e.g. after a resume): replace it
         tmp.rename(final)
+        if total_limit is not None:  # only once the new one is whole: a failed save never costs an old one
+            for p in checkpoints(out)[:-total_limit]: shutil.rmtree(p)
     accelerator.wait_for_everyone()
     return final
 
@@ -149,6 +160,9 @@ def find_checkpoint(output_dir: str|Path, # the run's output folder
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a folder (nor one in "
                                 f"{output_dir}): give a checkpoint-N folder or 'latest'")
+    if not (path.name.startswith("checkpoint-") and path.name.split("-", 1)[1].isdigit()):
+        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint!r}: the folder's name must be checkpoint-N "
+                         "(N, the step it was saved at, is where the run resumes): rename it, or give 'latest'")
     return path
 
 def load_checkpoint(accelerator: Accelerator, # the run's accelerator, with its hooks registered

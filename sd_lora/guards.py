@@ -89,11 +89,12 @@ def refusal(e: BaseException, # what a run raised
             package: Path|None=None, # the folder whose code raises refusals (default: sd_lora's)
            ) -> str|None: # the line to print, or None to let the traceback show
     "The one-line message of an error that sd_lora's own code raised on purpose; None for anything else."
-    package = package or Path(importlib.util.find_spec("sd_lora").origin).parent
+    package = (package or Path(importlib.util.find_spec("sd_lora").origin).parent).resolve()
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None: tb = tb.tb_next
     ours = tb is not None and package in Path(tb.tb_frame.f_code.co_filename).resolve().parents
-    kinds = (ValueError, OSError, RuntimeError, ImportError, FloatingPointError)
-    if not ours or not isinstance(e, kinds) or os.environ.get("SD_LORA_TRACEBACK"): return None
+    kinds = (ValueError, OSError, ImportError, FloatingPointError)  # and sd_lora's own error classes
+    on_purpose = isinstance(e, kinds) or type(e).__module__.startswith("sd_lora.")
+    if not ours or not on_purpose or os.environ.get("SD_LORA_TRACEBACK"): return None
     rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     return f"{rank}{prog}: error: {e}"

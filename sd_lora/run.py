@@ -22,7 +22,7 @@ from .lora import lora_config, add_lora, unet_targets
 from .conditioning import text_encoders, add_text_encoder_lora, caption_encoder, vae_dtype
 from .config import TrainConfig
 from .checkpoints import (register_generator_hooks, register_lora_hooks, agreed_checkpoint, load_checkpoint,
-                                 resume_position, checkpoint_trainer, share_output_dir)
+                                 resume_position, checkpoint_trainer, share_output_dir, any_process)
 from .backends import make_accelerator
 from .ema import make_ema, register_ema_hooks
 from .buckets import BucketDataset
@@ -227,7 +227,12 @@ def setup(cfg: TrainConfig, # the run's settings
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, 1 if cfg.merge_accumulation else cfg.gradient_accumulation_steps)
     if cfg.seed is not None: set_seed(cfg.seed)
-    if accelerator.is_local_main_process: preflight(out)  # each machine checks its own disk
+    problem = None
+    if accelerator.is_local_main_process:  # each machine checks its own disk; all stop if one cannot go on
+        try: preflight(out)
+        except OSError as e: problem = e
+    if any_process(accelerator, problem is not None):
+        raise problem or OSError("another machine's --output_dir cannot be used; its message says why")
     share_output_dir(accelerator, out)
     if cfg.allow_tf32: torch.backends.cuda.matmul.allow_tf32 = True
     m, params, te_params = setup_models(cfg, accelerator.device, weight_dtype(accelerator.mixed_precision))

@@ -90,7 +90,8 @@ def apply_update(run: Run, # the run
 def deepspeed_grad_norm(run: Run, # a run under DeepSpeed, just after its optimizer step
                        ) -> torch.Tensor:
     "The gradients' norm before clipping, as DeepSpeed computed it (zero where it computed none)."
-    return torch.as_tensor(run.unet.get_global_grad_norm() or 0.0, dtype=torch.float32, device=run.accelerator.device)
+    norm = run.unet.get_global_grad_norm()  # a tensor (or None): never read it here, the step stays asynchronous
+    return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32, device=run.accelerator.device)
 
 def train_step(run: Run, # the run
                batch: dict, # a micro-batch from the loader

@@ -70,8 +70,8 @@ def test_generation_is_seeded_per_prompt_and_independent_of_the_batch(pipe):
     # alone or in a batch, the same prompt and seed: the same image, up to one grey level of float rounding
     assert np.abs(batch[2] - pix(generate(pipe, PROMPTS[2:], seed=5, **KW))[0]).max() <= 1
     assert np.abs(batch[1] - pix(generate(pipe, [PROMPTS[1]], seeds=[4], **KW))[0]).max() <= 1
-    assert np.array_equal(pix(generate(pipe, PROMPTS[::-1], seeds=[5, 4, 3], **KW))[::-1],
-                          pix(generate(pipe, PROMPTS, seeds=[3, 4, 5], **KW)))
+    assert np.abs(pix(generate(pipe, PROMPTS[::-1], seeds=[5, 4, 3], **KW))[::-1] -
+                  pix(generate(pipe, PROMPTS, seeds=[3, 4, 5], **KW))).max() <= 1  # a batch's order: rounding only
     assert np.abs(batch[0] - pix(generate(pipe, PROMPTS[:1], seed=4, **KW))[0]).mean() > 1
     with pytest.raises(ValueError, match="3 prompts but 2 seeds"):
         generate(pipe, PROMPTS, seeds=[1, 2], **KW)

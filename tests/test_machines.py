@@ -21,7 +21,7 @@ from sd_lora.models import TINY_SD, resolve_model
 from sd_lora.train import main, train
 from helpers import tiny_config
 
-NEEDS_DEEPSPEED = os.environ.get("SD_LORA_REQUIRE_DEEPSPEED") != "1"  # CI installs it and sets this
+DEEPSPEED_OPTIONAL = os.environ.get("SD_LORA_REQUIRE_DEEPSPEED") != "1"  # CI installs it and sets this
 
 
 def flags(data, out, *more):
@@ -110,13 +110,13 @@ def full_disk_from(n: int):
 
 def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_resumes(demo_data, tmp_path, capsys):
     out = tmp_path / "full"
-    argv = flags(demo_data, out, "--checkpointing_steps=1")
+    argv = flags(demo_data, out, "--checkpointing_steps=1", "--checkpoints_total_limit=1")
     with full_disk_from(3), pytest.raises(SystemExit) as e: main(argv)
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "checkpoint-3 could not be saved" in err and "the disk is full" in err and "checkpoint-2 is intact" in err
     assert "--resume_from_checkpoint latest" in err
-    assert [p.name for p in checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2"]  # the limit is kept only once a new one is whole
     assert not list(out.glob(".tmp-*"))
     main(argv + ["--resume_from_checkpoint=latest"])  # after space is freed
     straight = tmp_path / "straight"
@@ -149,7 +149,7 @@ def test_a_full_disk_on_one_process_stops_both_without_a_half_checkpoint(demo_da
 
 
 # DeepSpeed on CPU processes: installed by CI (DS_ACCELERATOR=cpu DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)
-deepspeed_cpu = pytest.mark.skipif(NEEDS_DEEPSPEED and not shutil.which("ds_report"), reason="DeepSpeed is not installed")
+deepspeed_cpu = pytest.mark.skipif(DEEPSPEED_OPTIONAL and not shutil.which("ds_report"), reason="DeepSpeed is not installed")
 ZERO2 = ["--use_deepspeed", "--zero_stage", "2"]
 
 
@@ -167,9 +167,14 @@ def test_deepspeed_zero2_lora_equals_ddp_and_resumes_exactly(one_machine, demo_d
     launched([machine_command(0, 1, 29657, flags(demo_data, resumed, "--resume_from_checkpoint=latest"),
                               processes_per_machine=2, launch=ZERO2)], tmp_path / "logs2")
     assert max_diff(lora(resumed), lora(out)) == 0.0
-    # a tampered DeepSpeed file (DeepSpeed itself would unpickle it with weights_only=False) is refused
+    # a tampered DeepSpeed file (DeepSpeed itself would unpickle it with weights_only=False): resuming refuses it
     torch.save({"boom": os.system}, resumed / "checkpoint-2" / "pytorch_model" / "mp_rank_00_model_states.pt")
     with pytest.raises(pickle.UnpicklingError): check_deepspeed_pickles(resumed / "checkpoint-2")
+    cmd = machine_command(0, 1, 29661, flags(demo_data, resumed, "--resume_from_checkpoint=checkpoint-2"),
+                          processes_per_machine=2, launch=ZERO2)
+    codes = wait_machines(start_machines([cmd], tmp_path / "logs3"))
+    log = (tmp_path / "logs3" / "machine-0.log").read_text()
+    assert codes == [1] and "holds objects other than tensors" in log, log[-3000:]
 
 
 @deepspeed_cpu
