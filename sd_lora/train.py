@@ -22,7 +22,7 @@ from .lora import save_lora
 from .outputs import save_outputs, save_pipeline, push_to_hub
 from .diffusion import noisify, target_for, min_snr_weights, diffusion_loss, sample_noise, perturbed_noise
 from .ema import ema_step, ema_weights
-from .checkpoints import save_checkpoint
+from .checkpoints import save_checkpoint, any_process
 from .run import Run, setup
 from .validation import evaluate, validate, final_validation
 from .guards import (StopSignals, TrainingInterrupted, nonfinite, skipping_step, check_finite_weights,
@@ -138,9 +138,8 @@ def stop_requested(run: Run, # the run
                   ) -> bool:
     "Whether a signal asked to stop; with several processes, agreed by all at logging steps."
     acc = run.accelerator
-    if acc.num_processes == 1: return stop.signum is not None
-    if run.global_step % run.cfg.logging_steps: return False
-    return acc.reduce(torch.tensor(float(stop.signum or 0), device=acc.device), "max").item() > 0
+    if acc.num_processes > 1 and run.global_step % run.cfg.logging_steps: return False  # agreeing costs a sync
+    return any_process(acc, stop.signum is not None)
 
 def log_step(run: Run, # the run
              h: History, # the records so far
