@@ -33,8 +33,11 @@ from memory import step_memory  # bench/memory.py, beside this script
 
 # name -> TrainConfig overrides; "documented" is the diffusers docs' configuration (batch 1, accumulation 4)
 CONFIGS = {
-    "documented-plain": dict(train_batch_size=1, gradient_accumulation_steps=4, cache_latents="off"),
+    # plain: encoders at every step and every micro-batch on its own, as the reference script does (its stand-in here)
+    "documented-plain": dict(train_batch_size=1, gradient_accumulation_steps=4, cache_latents="off", merge_accumulation=False),
+    # the default: latents cached as drawn, micro-batches merged when they fit
     "documented": dict(train_batch_size=1, gradient_accumulation_steps=4),
+    "documented-accumulated": dict(train_batch_size=1, gradient_accumulation_steps=4, merge_accumulation=False),
     "documented-merged": dict(train_batch_size=1, gradient_accumulation_steps=4, merge_accumulation=True),
     "b8": dict(train_batch_size=8), "b16": dict(train_batch_size=16), "b32": dict(train_batch_size=32),
     # memory options, each against plain b8
@@ -120,8 +123,9 @@ def unet_flops_per_image(run) -> float:
 
 
 def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: float|None) -> dict:
-    """Train `warmup + steps` optimizer steps and time the last `steps`; startup is the time to the first step
-    (loading, caching, compiling), and `graphs` counts the graphs torch.compile made (0: eager)."""
+    """Train `warmup + steps` optimizer steps and time the last `steps`; `startup_s` is the time to the first step
+    (loading, caching, compiling), `total_s` the whole run from before `setup` to the last step, and `graphs` counts
+    the graphs torch.compile made (0: eager)."""
     from torch._dynamo.utils import counters
     cuda = torch.cuda.is_available()
     torch._dynamo.reset()  # each configuration compiles as in a fresh process (inductor's disk cache aside)
@@ -141,11 +145,13 @@ def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: fl
     except Exception as e: flops, flop_error = None, f"{type(e).__name__}: {e}"[:300]  # keep the timings regardless
     run.accelerator.end_training()
     images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
-    step_s = (end - h.step_times[warmup - 1]) / steps
+    step_s = (end - h.step_times[warmup - 1]) / steps if warmup else (end - start) / steps
+    merged = cfg.gradient_accumulation_steps > 1 and run.accelerator.gradient_accumulation_steps == 1
     ips = images_per_step / step_s
     row = {"config": name, "batch": cfg.train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
-           "cache": cfg.cache_latents, "merged": cfg.merge_accumulation, "images_per_s": round(ips, 2),
-           "step_s": round(step_s, 4), "startup_s": round(h.step_times[0] - start, 2), "graphs": graphs,
+           "cache": cfg.cache_latents, "merged": merged, "images_per_s": round(ips, 2),
+           "step_s": round(step_s, 4), "startup_s": round(h.step_times[0] - start, 2), "total_s": round(end - start, 2),
+           "graphs": graphs,
            "mean_loss": round(sum(h.losses[warmup:]) / steps, 4),  # same seed, same batch structure: same maths?
            "peak_mem_gib": peak_mem and round(peak_mem, 2), "gflop_per_image": flops and round(flops / 1e9, 2),
            "mfu": round(flops * ips / peak_flops, 4) if peak_flops and flops else None}
@@ -195,6 +201,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=40, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=10, help="untimed optimizer steps first")
     p.add_argument("--images", type=int, default=192, help="images in the synthetic data set")
+    p.add_argument("--resolution", type=int, default=None, help="default: 64 with --tiny, else 512")
     p.add_argument("--mixed_precision", default=None, help="default: bf16 on a GPU, no on the CPU")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 peak (default: 790 on CUDA)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sd_lora_bench"))
@@ -211,7 +218,7 @@ def main(argv=None):
                                                                       and (args.memory or n not in FINETUNE)]
     if set(names) - set(CONFIGS): p.error(f"unknown --configs {sorted(set(names) - set(CONFIGS))}: choose from {list(CONFIGS)}")
     work = Path(args.workdir); work.mkdir(parents=True, exist_ok=True)
-    res = 64 if args.tiny else 512
+    res = args.resolution or (64 if args.tiny else 512)
     model = TINY_SD if args.tiny else sd15_folder(work)
     data = synthetic_images(work, args.images, res)
     peak = (args.peak_tflops or (790 if cuda else 0)) * 1e12 or None
@@ -249,11 +256,11 @@ def main(argv=None):
                   f"{r['optimizer_mib']} | {r['ema_mib']}{' (host)' if r['ema_offloaded'] else ''} | "
                   f"{r['activations_mib']} | {r['total_mib']} |")
         return save()
-    print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | images/s | step (s) | startup (s) | graphs | peak GiB | GFLOP/image | MFU | mean loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | merged | images/s | step (s) | startup (s) | total (s) | graphs | peak GiB | GFLOP/image | MFU | mean loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "error" in r: print(f"| {r['config']} | failed: {r['error'][:120]} | | | | | | | | |")
-        else: print(f"| {r['config']} | {r['batch']} x {r['accumulation']} | {r['images_per_s']} | {r['step_s']} | {r['startup_s']} | {r['graphs']} | "
+        if "error" in r: print(f"| {r['config']} | failed: {r['error'][:120]} | | | | | | | | | | |")
+        else: print(f"| {r['config']} | {r['batch']} x {r['accumulation']} | {r['merged']} | {r['images_per_s']} | {r['step_s']} | {r['startup_s']} | {r['total_s']} | {r['graphs']} | "
                     f"{r['peak_mem_gib']} | {r['gflop_per_image']} | {r['mfu']} | {r['mean_loss']} |")
     save()
 

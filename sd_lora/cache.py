@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from .core import to_tensor
-from .data import ImageCaptionDataset, resize_shorter, crop_box, pick_caption, to_rgb, tokenize
+from .data import ImageCaptionDataset, resize_shorter, crop_box, pick_caption, to_rgb, tokenize, image_header
 from .buckets import BucketDataset, fit_to_bucket
 
 # %% auto #0
 __all__ = ['fixed_crop', 'fixed_bucket_crop', 'training_crop', 'cache_key', 'data_fingerprint', 'LatentCache', 'build_cache',
-           'CachedDataset', 'collate_cached']
+           'CachedDataset', 'collate_cached', 'crops_fixed', 'LazyCache', 'collate_lazy']
 
 # %% ../nbs/04d_cache.ipynb #fc77f41c
 def fixed_crop(img, # a PIL image
@@ -214,4 +214,73 @@ def collate_cached(items: list[dict], # `CachedDataset` items
     if "original_size" in items[0]:
         batch |= {"original_sizes": [it["original_size"] for it in items],
                   "crop_top_lefts": [it["crop_top_left"] for it in items]}
+    return batch
+
+# %% ../nbs/04d_cache.ipynb #0472b836
+def crops_fixed(ds: ImageCaptionDataset, # a square or `BucketDataset` training set
+               ) -> bool:
+    "Whether every item's training crop is the same at every epoch (so its latents can be cached), from image headers."
+    if ds.kw["center_crop"]: return True
+    if isinstance(ds, BucketDataset): return False  # a random crop inside each bucket's margin
+    res = ds.kw["resolution"]
+    def square(h, w): return max(res, round(w * res / min(w, h))) == max(res, round(h * res / min(w, h))) == res
+    return all(square(*image_header(ds.ds[i][ds.image_column])[1]) for i in range(len(ds)))
+
+class LazyCache(torch.utils.data.Dataset):
+    "Training items of `base` from memory once drawn and encoded; until then from their images, for `complete` to encode."
+    def __init__(self, base: ImageCaptionDataset, # a training set whose crops are fixed (`crops_fixed`)
+                 text: bool=True, # also keep caption embeddings (not while the text encoder trains)
+                ):
+        self.base, self.latents, self.texts = base, {}, ({} if text else None)
+        plain = not hasattr(base.ds, "column_names")  # a list of dicts rather than a `datasets.Dataset`
+        self.captions = [r[base.caption_column] for r in base.ds] if plain else list(base.ds[base.caption_column])
+    def set_epoch(self, epoch: int): self.base.set_epoch(epoch)
+    @property
+    def skipped(self) -> int: return self.base.skipped
+    def __len__(self): return len(self.base)
+
+    def __getitem__(self, i):
+        kw, rng = self.base.kw, self.base.rng(i)
+        crop_box(kw["resolution"], kw["resolution"], kw["resolution"], kw["center_crop"], rng)  # as `CachedDataset` draws
+        flip = kw["random_flip"] and rng.random() < 0.5
+        if (i, flip) not in self.latents: return self.base[i] | {"flip": flip}  # not drawn before: from the image
+        mean, std, size, corner = self.latents[(i, flip)]
+        return {"latent_mean": mean, "latent_std": std, "caption": pick_caption(self.captions[i], rng), "index": i,
+                "flip": flip, "original_size": size, "crop_top_left": corner}
+
+    @torch.no_grad()
+    def complete(self, batch: dict, # from `collate_lazy`
+                 vae, # the frozen VAE, on its device and dtype
+                 encode_captions=None, # captions -> (embeddings, pooled or None), when caption embeddings are kept
+                ) -> dict: # the batch `collate_cached` makes: every item's latent distribution (and caption embedding)
+        "Encode the items of `batch` drawn for the first time, keep them, and return the whole batch as cached items."
+        pending = batch.pop("pending")  # plain lists: the loader leaves them on the host, so reading them costs no sync
+        if any(pending):
+            pixels = batch.pop("pixel_values").to(vae.device, vae.dtype)  # one image a call: its numbers never depend on the batch
+            new = ((d.mean[0], d.std[0]) for d in (vae.encode(x[None]).latent_dist for x in pixels))
+            old = zip(batch.pop("latent_mean", ()), batch.pop("latent_std", ()))
+            pairs = [next(new) if p else next(old) for p in pending]
+            for p, (mean, std), key, size, corner in zip(pending, pairs, batch["keys"], batch["original_sizes"],
+                                                         batch["crop_top_lefts"]):
+                if p: self.latents[key] = (mean.to("cpu", copy=True), std.to("cpu", copy=True), size, corner)
+            batch["latent_mean"], batch["latent_std"] = (torch.stack([t.to(vae.device) for t in ts]) for ts in zip(*pairs))
+        if self.texts is not None:
+            for c in sorted({c for c in batch["captions"] if c not in self.texts}):
+                embeds, pooled = encode_captions([c])
+                self.texts[c] = (embeds[0].cpu(), None if pooled is None else pooled[0].cpu())
+            embeds = [self.texts[c] for c in batch["captions"]]
+            batch["text_embeds"] = torch.stack([e for e, _ in embeds])
+            if embeds[0][1] is not None: batch["pooled_text_embeds"] = torch.stack([p for _, p in embeds])
+        return batch
+
+def collate_lazy(items: list[dict], # `LazyCache` items: some cached, some from their images
+                ) -> dict:
+    "A batch of `LazyCache` items: latents of the cached ones, pixels of the new (`pending`) ones, for `LazyCache.complete`."
+    pending = [("pixel_values" in it) for it in items]
+    batch = {"pending": pending, "captions": [it["caption"] for it in items], "keys": [(it["index"], it["flip"]) for it in items],
+             "indices": torch.tensor([it["index"] for it in items]),
+             "original_sizes": [it["original_size"] for it in items], "crop_top_lefts": [it["crop_top_left"] for it in items]}
+    if any(pending): batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items if "pixel_values" in it])
+    if not all(pending):
+        for k in ("latent_mean", "latent_std"): batch[k] = torch.stack([it[k] for it in items if k in it])
     return batch

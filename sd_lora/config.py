@@ -84,10 +84,10 @@ class TrainConfig:
     target_modules: str = "attention" # (sd_lora) UNet layers to adapt: attention, attention_ff, attention_ff_conv, or a comma-separated list of layer names
     text_encoder_lr: float|None = None # (sd_lora) learning rate of the text-encoder LoRA; default: learning_rate
     validation_steps: int|None = None # (sd_lora) also validate every this many steps
-    eval_samples: int = 64 # (sd_lora) at each validation, the fixed-noise loss on this many training images (0: off)
-    cache_latents: str = "memory" # (sd_lora) encode images and captions once before training: memory, disk or off
+    eval_samples: int|None = None # (sd_lora) at each validation and at the end, the fixed-noise loss on this many training images; default: 64 with a --validation_prompt, else none
+    cache_latents: str = "memory" # (sd_lora) encode each image and caption once: "memory" as first drawn, "disk" before training (reused by later runs), or "off"
     latent_cache_dir: str|None = None # (sd_lora) where the disk cache lives (default: output_dir/latent_cache)
-    merge_accumulation: bool = False # (sd_lora) train each accumulation group as one batch: same gradients, fewer launches, more memory
+    merge_accumulation: bool|None = None # (sd_lora) train each accumulation group as one batch: same gradients, fewer launches, more memory; default: when it fits the free memory (--no_merge_accumulation: never)
     dynamo_backend: str = "no" # (sd_lora) torch.compile the UNet (see dynamo_scope) with this backend: "inductor" on GPUs
     dynamo_mode: str = "default" # (sd_lora) inductor's compile mode: "reduce-overhead" replays CUDA graphs, "max-autotune-no-cudagraphs" tunes kernels
     dynamo_scope: str = "blocks" # (sd_lora) what --dynamo_backend compiles: "blocks" (each transformer block kind once, seconds) or "unet" (all of it, minutes)

@@ -110,6 +110,9 @@ def config_parser(cls, # a dataclass whose fields have defaults
         default = defaults.get(f.name, f.default)
         typ, help = hints[f.name], f"{docs.get(f.name) or ''} (default: {default})"
         if typ is bool: p.add_argument(f"--{f.name}", action="store_true", help=help)
+        elif set(getattr(typ, "__args__", ())) == {bool, type(None)}:  # on, off, or `None`: decided by the program
+            p.add_argument(f"--{f.name}", action="store_const", const=True, default=default, help=help)
+            p.add_argument(f"--no_{f.name}", dest=f.name, action="store_const", const=False, help=f"never --{f.name}")
         else:
             base = next(t for t in (int, float, str) if t in getattr(typ, "__args__", (typ,)))
             p.add_argument(f"--{f.name}", type=base, default=default, choices=choices.get(f.name), help=help)

@@ -4,14 +4,17 @@
 
 # %% ../nbs/05_run.ipynb #a1a1e66a
 from __future__ import annotations
+import contextlib
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import set_seed, DistributedType
 from diffusers.optimization import get_scheduler
 from .core import weight_dtype
 from .data import (load_image_dataset, check_columns, drop_unreadable, drop_bad_captions, warn_long_captions,
@@ -26,12 +29,14 @@ from .checkpoints import (register_generator_hooks, register_lora_hooks, agreed_
 from .backends import make_accelerator
 from .ema import make_ema, register_ema_hooks
 from .buckets import BucketDataset
-from .cache import build_cache, cache_key, data_fingerprint, CachedDataset, collate_cached
+from .cache import (build_cache, cache_key, data_fingerprint, CachedDataset, collate_cached, crops_fixed, LazyCache,
+                           collate_lazy)
 from .guards import preflight
 
 # %% auto #0
 __all__ = ['enable_xformers', 'check_full_finetune', 'load_non_ema_weights', 'setup_models', 'compile_unet', 'make_optimizer',
-           'make_datasets', 'cached', 'data_loader', 'Run', 'setup', 'forget_accelerate_state']
+           'eval_count', 'eval_plan', 'make_datasets', 'cached', 'cache_plan', 'data_loader', 'activation_bytes',
+           'free_memory', 'choose_merge', 'Run', 'setup', 'forget_accelerate_state']
 
 # %% ../nbs/05_run.ipynb #5de4bb0a
 def enable_xformers(unet, # the UNet whose attention switches to xformers' kernels
@@ -132,6 +137,19 @@ def make_optimizer(params: list, # the trainable parameters, or parameter groups
     return opt_cls(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, **fused)
 
 # %% ../nbs/05_run.ipynb #090121d2
+def eval_count(cfg: TrainConfig, # the run's settings
+              ) -> int:
+    "Images in the fixed-noise evaluation: `eval_samples` if given, else 64 when a validation prompt watches the run, else none."
+    if cfg.eval_samples is None: return 64 if cfg.validation_prompt else 0
+    if cfg.eval_samples < 0: raise ValueError(f"--eval_samples {cfg.eval_samples}: pass 0 (no evaluation) or more")
+    return cfg.eval_samples
+
+def eval_plan(n: int, # images in the evaluation set
+             ) -> str:
+    "Whether the run evaluates, in one sentence."
+    if not n: return "evaluation: off (--eval_samples N adds the fixed-noise loss on N training images)"
+    return f"evaluation: the fixed-noise loss on {n} training images, at each validation and at the end"
+
 def make_datasets(cfg: TrainConfig, # the run's settings
                   tokenizer, # the (first) text encoder's tokenizer, for the long-caption check and the items' ids
                  ) -> tuple[ImageCaptionDataset, ImageCaptionDataset|None]:
@@ -152,7 +170,7 @@ def make_datasets(cfg: TrainConfig, # the run's settings
     crop = dict(center_crop=cfg.center_crop, random_flip=cfg.random_flip, skipped=n_rows - len(ds), **kw)
     if cfg.aspect_ratio_buckets: train_ds = BucketDataset(ds, tokenizer, cfg.resolution, cfg.bucket_step, **crop)
     else: train_ds = ImageCaptionDataset(ds, tokenizer, cfg.resolution, **crop)
-    n_eval = min(cfg.eval_samples, len(ds))
+    n_eval = min(eval_count(cfg), len(ds))
     eval_ds = ImageCaptionDataset(ds.select(range(n_eval)), tokenizer, cfg.resolution, True, False, **kw) if n_eval else None
     return train_ds, eval_ds
 
@@ -162,38 +180,96 @@ def cached(cfg: TrainConfig, # the run's settings
            m, # `SDComponents`, with the frozen encoders on their device
            accelerator: Accelerator, # the run's accelerator (one process writes a disk cache)
           ):
-    "`ds` encoded once (memory or disk cache), or `ds` itself when caching is off or impossible."
+    "`ds` cached as first drawn (memory) or before training (disk), or `ds` itself when caching is off or impossible."
     if cfg.cache_latents == "off": return ds
-    folder, text = None, not cfg.train_text_encoder  # training encoders' outputs change every step: images only
-    buckets = isinstance(ds, BucketDataset)
-    if cfg.cache_latents == "disk":
-        model = f"{cfg.pretrained_model_name_or_path}|{cfg.pretrained_vae_model_name_or_path}"
-        key = cache_key(model, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.image_interpolation_mode,
-                        data_fingerprint(ds.ds), m.vae.dtype, text, cfg.bucket_step if buckets else None)
-        folder = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache") / key
-    with accelerator.main_process_first():  # one process writes a disk cache, the others then read it
-        cache = build_cache(ds, m.vae, m.text_encoder if text else None, m.tokenizer, cfg.train_batch_size, folder,
-                            encode_captions=caption_encoder(m) if text else None)
-    if cache is None:
+    text, buckets = not cfg.train_text_encoder, isinstance(ds, BucketDataset)  # training encoders change: images only
+    if not crops_fixed(ds):
         why = ("with --aspect_ratio_buckets, each image's crop inside its bucket is random" if buckets else
                f"some images are not square at resolution {cfg.resolution}, so their random crop changes every epoch")
         warnings.warn(f"Not caching latents: --center_crop is off and {why}. Images are encoded at every step; pass "
                       "--center_crop to cache them (or --cache_latents off to silence this).")
         return ds
+    if cfg.cache_latents == "memory": return LazyCache(ds, text)
+    model = f"{cfg.pretrained_model_name_or_path}|{cfg.pretrained_vae_model_name_or_path}"
+    key = cache_key(model, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.image_interpolation_mode,
+                    data_fingerprint(ds.ds), m.vae.dtype, text, cfg.bucket_step if buckets else None)
+    folder = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache") / key
+    with accelerator.main_process_first():  # one process writes a disk cache, the others then read it
+        cache = build_cache(ds, m.vae, m.text_encoder if text else None, m.tokenizer, cfg.train_batch_size, folder,
+                            encode_captions=caption_encoder(m) if text else None)
     return CachedDataset(ds, cache)
 
-def data_loader(ds, # an `ImageCaptionDataset`, `BucketDataset` or `CachedDataset`
+def cache_plan(ds, # the training set `cached` returned
+              ) -> str:
+    "How the run's latents are cached, in one sentence."
+    if isinstance(ds, LazyCache): return "latents: cached in memory as each image is first drawn (the first epoch encodes them, later epochs reuse them)"
+    if isinstance(ds, CachedDataset): return "latents: read from the disk cache, built before the first step unless an earlier run had built it"
+    return "latents: encoded at every step"
+
+def data_loader(ds, # an `ImageCaptionDataset`, `BucketDataset`, `LazyCache` or `CachedDataset`
                 batch_size: int, # items per batch
                 shuffle: bool, # shuffle every epoch
                 num_workers: int=0, # loader worker processes (`dataloader_num_workers`)
                ) -> torch.utils.data.DataLoader:
     "Batches of `ds`; for buckets, each batch from one bucket."
-    kw = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-              collate_fn=collate_cached if isinstance(ds, CachedDataset) else collate)
-    bucketed = ds.base if isinstance(ds, CachedDataset) else ds
+    collate_fn = {CachedDataset: collate_cached, LazyCache: collate_lazy}.get(type(ds), collate)
+    kw = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
+    bucketed = ds.base if isinstance(ds, (CachedDataset, LazyCache)) else ds
     if isinstance(bucketed, BucketDataset):
         return torch.utils.data.DataLoader(ds, batch_sampler=bucketed.batch_sampler(batch_size, shuffle), **kw)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **kw)
+
+# %% ../nbs/05_run.ipynb #954a1f05
+def activation_bytes(unet, # the UNet as it trains (LoRA added, or every weight trainable), on its device
+                     resolution: int, # the training images' side in pixels
+                     vae_scale: int=8, # pixels per latent pixel
+                     autocast=contextlib.nullcontext, # the run's autocast context (`accelerator.autocast`)
+                    ) -> int:
+    "Bytes autograd keeps for the backward pass of one training sample: one forward pass of random inputs, counted."
+    c, w = unet.config, unet.conv_in.weight
+    side, like = resolution // vae_scale, dict(device=w.device, dtype=w.dtype)
+    dim = c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else c.cross_attention_dim[0]
+    kw = {}
+    if c.addition_embed_type == "text_time":  # SDXL: the pooled caption and six size numbers
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled, **like), "time_ids": torch.zeros(1, 6, **like)}
+    weights, saved = {p.untyped_storage().data_ptr() for p in unet.parameters()}, {}
+    def keep(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights: saved[s.data_ptr()] = s.nbytes()
+        return t
+    hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)
+    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []), hooks, autocast():
+        x, text = torch.randn(1, c.in_channels, side, side, **like), torch.zeros(1, 77, dim, **like)
+        unet(x, torch.tensor([500], device=w.device), text, **kw, return_dict=False)
+    return sum(saved.values())
+
+def free_memory(device: torch.device, # the run's device
+               ) -> int:
+    "Bytes free for one process: its GPU's free memory, or its share of the machine's available RAM."
+    if device.type == "cuda": return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by the launchers
+
+def choose_merge(cfg: TrainConfig, # the run's settings: accumulation, batch size, resolution, `merge_accumulation`
+                 unet, # the UNet as it trains
+                 vae_scale: int=8, # pixels per latent pixel
+                 free: int|None=None, # bytes free for this process (default: `free_memory` of the UNet's device)
+                 autocast=contextlib.nullcontext, # the run's autocast context
+                 deepspeed: bool=False, # DeepSpeed runs: its config already holds the accumulation
+                ) -> tuple[bool, str]: # merge or not, and why in one sentence
+    "Whether to train each accumulation group as one batch: when asked, or when the merged pass fits the free memory."
+    k, b = cfg.gradient_accumulation_steps, cfg.train_batch_size
+    groups = f"{k} micro-batches of {b}"
+    if k == 1: return False, "accumulation: none (one micro-batch per optimizer step)"
+    if cfg.merge_accumulation is not None:
+        return cfg.merge_accumulation, f"accumulation: {groups} {'merged into one batch' if cfg.merge_accumulation else 'accumulated'}, as asked"
+    if deepspeed: return False, f"accumulation: {groups} accumulated, as DeepSpeed's config says (--merge_accumulation to merge)"
+    need = 2 * k * b * activation_bytes(unet, cfg.resolution, vae_scale, autocast)
+    free = free_memory(unet.device) if free is None else free
+    merge = need <= free
+    return merge, (f"accumulation: {groups} {'merged into one batch' if merge else 'accumulated'}: the merged pass needs "
+                   f"about {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free "
+                   f"(--{'no_' if merge else ''}merge_accumulation to {'accumulate' if merge else 'merge'} anyway)")
 
 # %% ../nbs/05_run.ipynb #8609bd09
 @dataclass(kw_only=True)
@@ -204,7 +280,7 @@ class Run:
     m: object # `SDComponents`
     unet: torch.nn.Module # the prepared UNet
     params: list # the trained parameters: the LoRA's, or the whole UNet's
-    dataset: ImageCaptionDataset # the training set (maybe a `CachedDataset` or `BucketDataset`)
+    dataset: ImageCaptionDataset # the training set (maybe a `LazyCache`, `CachedDataset` or `BucketDataset`)
     dataloader: object # the prepared training loader (sharded across processes)
     eval_dataloader: object|None # the prepared loader of the fixed evaluation images
     optimizer: torch.optim.Optimizer # the prepared AdamW
@@ -219,6 +295,7 @@ class Run:
     first_epoch: int = 0 # the epoch a resumed run starts in
     skip_batches: int = 0 # batches of `first_epoch` a resumed run already trained on
     ema: object|None = None # the EMA of the trained parameters (`--use_ema`), from `make_ema`
+    plan: list = field(default_factory=list) # what the run chose where the user left it open, one sentence each (printed at the start)
 
 # %% ../nbs/05_run.ipynb #95b99184
 def setup(cfg: TrainConfig, # the run's settings
@@ -238,10 +315,14 @@ def setup(cfg: TrainConfig, # the run's settings
     m, params, te_params = setup_models(cfg, accelerator.device, weight_dtype(accelerator.mixed_precision))
     ema = make_ema(params + te_params, cfg) if cfg.use_ema else None  # it starts from --revision's weights
     if cfg.non_ema_revision: load_non_ema_weights(m.unet, cfg)
+    merge, merge_why = choose_merge(cfg, m.unet, 2 ** (len(m.vae.config.block_out_channels) - 1), autocast=accelerator.autocast,
+                                    deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED)
+    if any_process(accelerator, not merge): merge = False  # every process must batch alike
+    if merge: accelerator.gradient_accumulation_steps = 1
 
     train_ds, eval_ds = make_datasets(cfg, m.tokenizer)
     train_ds = cached(cfg, train_ds, m, accelerator)
-    batch_size = cfg.train_batch_size * (cfg.gradient_accumulation_steps if cfg.merge_accumulation else 1)
+    batch_size = cfg.train_batch_size * (cfg.gradient_accumulation_steps if merge else 1)
     dl = data_loader(train_ds, batch_size, True, cfg.dataloader_num_workers)
     eval_dl = eval_ds and data_loader(eval_ds, cfg.train_batch_size, False, cfg.dataloader_num_workers)
     n = accelerator.num_processes
@@ -265,7 +346,8 @@ def setup(cfg: TrainConfig, # the run's settings
     run = Run(cfg=cfg, accelerator=accelerator, m=m, unet=unet, params=params + te_params, text_encoders=tes,
               dataset=train_ds, dataloader=dl, eval_dataloader=eval_dl, optimizer=optimizer, lr_scheduler=sched,
               generator=generator, prediction_type=m.noise_scheduler.config.prediction_type, max_train_steps=max_steps,
-              num_train_epochs=math.ceil(max_steps / steps_per_epoch), steps_per_epoch=steps_per_epoch, ema=ema)
+              num_train_epochs=math.ceil(max_steps / steps_per_epoch), steps_per_epoch=steps_per_epoch, ema=ema,
+              plan=[cache_plan(train_ds), merge_why, eval_plan(len(eval_ds) if eval_ds else 0)])
     if cfg.resume_from_checkpoint:
         ckpt = agreed_checkpoint(accelerator, out, cfg.resume_from_checkpoint)
         wrote, this = checkpoint_trainer(ckpt), "sd_lora.finetune" if cfg.finetune else "sd_lora.train"

@@ -4,6 +4,7 @@
 
 # %% ../nbs/05b_train.ipynb #b4a3c07b
 from __future__ import annotations
+import logging
 import sys
 import time
 import warnings
@@ -15,7 +16,8 @@ from fastcore.imports import IN_NOTEBOOK
 from .core import quiet
 from .models import device_dtype
 from .lora import lora_state_dict, unet_lora_state_dict
-from .conditioning import conditioning
+from .conditioning import conditioning, caption_encoder
+from .cache import LazyCache
 from .config import TrainConfig, parse_args, public_config
 from diffusers.training_utils import compute_dream_and_update_latents
 from .lora import save_lora
@@ -30,9 +32,12 @@ from .guards import (StopSignals, TrainingInterrupted, nonfinite, skipping_step,
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 
+logger = logging.getLogger("sd_lora")  # silent unless a program (like `main`) shows INFO
+
 # %% auto #0
-__all__ = ['encode_batch', 'training_loss', 'apply_update', 'deepspeed_grad_norm', 'train_step', 'History', 'epoch_batches',
-           'stop_requested', 'log_step', 'train_loop', 'TrainResult', 'trained_weights', 'train', 'main']
+__all__ = ['logger', 'encode_batch', 'training_loss', 'apply_update', 'deepspeed_grad_norm', 'train_step', 'History',
+           'epoch_batches', 'stop_requested', 'log_step', 'train_loop', 'TrainResult', 'trained_weights', 'train',
+           'main']
 
 # %% ../nbs/05b_train.ipynb #159afbc5
 def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (latent_mean, latent_std, maybe text_embeds)
@@ -127,11 +132,13 @@ class History:
 def epoch_batches(run: Run, # the run
                   epoch: int, # the epoch about to start
                  ):
-    "The batches of `epoch`, skipping those a resumed run has already trained on."
+    "The batches of `epoch`, skipping those a resumed run has already trained on; items drawn for the first time are encoded and kept (`LazyCache`)."
     run.dataset.set_epoch(epoch)
     dl = run.accelerator.skip_first_batches(run.dataloader, run.skip_batches) if epoch == run.first_epoch else run.dataloader
     dl.set_epoch(epoch)
-    return dl
+    if not isinstance(run.dataset, LazyCache): return dl
+    encode = caption_encoder(run.m) if run.dataset.texts is not None else None
+    return (run.dataset.complete(batch, run.m.vae, encode) for batch in dl)
 
 def stop_requested(run: Run, # the run
                    stop: StopSignals, # set by SIGINT/SIGTERM on this process
@@ -220,6 +227,8 @@ def train(cfg: TrainConfig, # the run's settings; `parse_args` makes one from co
     "Train as `train_text_to_image_lora.py` does (or, with `finetune`, as `train_text_to_image.py` does) and save the result."
     run = setup(cfg)
     acc = run.accelerator
+    if acc.is_main_process:
+        for line in run.plan: logger.info(line)
     if cfg.report_to != "none":
         acc.init_trackers("text2image-fine-tune", config={k: v for k, v in public_config(cfg).items() if v is not None})
     try: h = train_loop(run)
@@ -258,6 +267,8 @@ def main(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)
         ):
     "Command-line entry point: `sd_lora_train`, `python -m sd_lora.train`, `accelerate launch -m sd_lora.train`."
     quiet()
+    shown = logging.StreamHandler()  # the run's choices (`Run.plan`), on stderr as it is now
+    logger.addHandler(shown); logger.setLevel(logging.INFO)
     try: res = train(parse(argv))
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
@@ -266,6 +277,7 @@ def main(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)
         if (message := refusal(e)) is None: raise
         print(message, file=sys.stderr)
         sys.exit(1)
+    finally: logger.removeHandler(shown)
     if PartialState().is_main_process: print(f"Saved {res.lora_path}")  # the process that wrote it
 
 # %% ../nbs/05b_train.ipynb #7a14e21a

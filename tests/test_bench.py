@@ -18,7 +18,8 @@ def test_bench_smoke(tmp_path):
     assert [row["config"] for row in report["results"]] == ["documented-plain", "documented", "documented-merged", "b8-checkpointing"]
     for row in report["results"]:
         assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0
-    assert "| documented-merged | 1 x 4 |" in r.stdout
+    assert "| documented-merged | 1 x 4 | True |" in r.stdout and "| documented-plain | 1 x 4 | False |" in r.stdout
+    assert all(row["total_s"] >= row["startup_s"] > 0 for row in report["results"])
 
 
 def test_bench_attributes_mode_reports_the_per_call_costs(tmp_path):
@@ -63,7 +64,7 @@ def test_memory_mode_breaks_a_step_down_by_kind(tmp_path):
     "--memory counts one micro-step's tensors by kind: what batch size, checkpointing and the optimizer each cost."
     out = tmp_path / "memory.json"
     r = subprocess.run([sys.executable, "bench/bench.py", "--tiny", "--memory", "--images", "8", "--configs",
-                        "documented,b8,b8-checkpointing", "--workdir", str(tmp_path), "--out", str(out)],
+                        "documented-accumulated,b8,b8-checkpointing", "--workdir", str(tmp_path), "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     one, eight, ckpt = json.loads(out.read_text())["results"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from sd_lora.run import setup
 from sd_lora.train import train
-from sd_lora.cache import CachedDataset
+from sd_lora.cache import CachedDataset, LazyCache
 from helpers import tiny_config
 
 
@@ -19,7 +19,8 @@ def test_cached_run_matches_the_uncached_run(demo_data, tmp_path):
 def test_random_crop_of_non_square_images_falls_back_with_a_note(demo_data, tmp_path):
     with pytest.warns(UserWarning, match="pass --center_crop to cache"):
         run = setup(tiny_config(demo_data, tmp_path, center_crop=False))
-    assert not isinstance(run.dataset, CachedDataset)
+    assert not isinstance(run.dataset, (CachedDataset, LazyCache))
+    assert run.plan[0] == "latents: encoded at every step"
     run.accelerator.end_training()
 
 
@@ -42,7 +43,7 @@ def test_disk_cache_is_written_once_and_reused(demo_data, tmp_path):
 
 def test_merged_accumulation_trains_the_same_schedule_within_noise(demo_data, tmp_path):
     kw = dict(train_batch_size=1, gradient_accumulation_steps=4, max_train_steps=6, lr_scheduler="linear")
-    plain = train(tiny_config(demo_data, tmp_path / "plain", **kw))
+    plain = train(tiny_config(demo_data, tmp_path / "plain", merge_accumulation=False, **kw))
     merged = train(tiny_config(demo_data, tmp_path / "merged", merge_accumulation=True, **kw))
     assert merged.global_step == plain.global_step == 6
     assert merged.history.lrs == pytest.approx(plain.history.lrs)
@@ -66,3 +67,37 @@ def test_cached_bucket_run_matches_the_uncached_bucket_run(demo_data, tmp_path, 
     assert len(shapes) == 6 and any(h != w for h, w in shapes)  # cached latents of 3:2 and 2:3 buckets
     assert fast.history.losses == pytest.approx(plain.history.losses, abs=1e-4)
     assert all(torch.allclose(plain.lora[k], fast.lora[k], atol=1e-5) for k in plain.lora)
+
+
+def test_cache_as_drawn_gives_the_front_loaded_caches_losses(demo_data, tmp_path):
+    # 12 images in batches of 3, 12 steps: three epochs, the first encoding as it goes, with flips drawn anew each epoch
+    kw = dict(random_flip=True, max_train_steps=12, train_batch_size=3)
+    upfront = train(tiny_config(demo_data, tmp_path / "disk", cache_latents="disk", **kw))
+    run = setup(tiny_config(demo_data, tmp_path / "memory", cache_latents="memory", **kw))
+    assert isinstance(run.dataset, LazyCache) and not run.dataset.latents  # nothing encoded before the first step
+    run.accelerator.end_training()
+    drawn = train(tiny_config(demo_data, tmp_path / "memory", cache_latents="memory", **kw))
+    assert drawn.history.losses == pytest.approx(upfront.history.losses, abs=1e-5)
+    assert all(torch.allclose(upfront.lora[k], drawn.lora[k], atol=1e-6) for k in upfront.lora)
+
+
+def test_the_fast_default_merges_when_it_fits_and_trains_like_plain_mode(demo_data, tmp_path):
+    kw = dict(train_batch_size=1, gradient_accumulation_steps=4, max_train_steps=6, lr_scheduler="linear")
+    run = setup(tiny_config(demo_data, tmp_path / "auto", **kw))
+    assert run.accelerator.gradient_accumulation_steps == 1 and run.dataloader.total_batch_size == 4
+    assert run.plan[1].startswith("accumulation: 4 micro-batches of 1 merged into one batch: the merged pass needs")
+    run.accelerator.end_training()
+    fast = train(tiny_config(demo_data, tmp_path / "fast", **kw))
+    plain = train(tiny_config(demo_data, tmp_path / "plain", cache_latents="off", merge_accumulation=False, **kw))
+    assert fast.history.lrs == pytest.approx(plain.history.lrs)
+    spread = statistics.pstdev(plain.history.losses + fast.history.losses)
+    assert abs(statistics.mean(fast.history.losses) - statistics.mean(plain.history.losses)) < 2 * spread
+
+
+def test_little_free_memory_keeps_accumulating(demo_data, tmp_path, monkeypatch):
+    import sd_lora.run as R
+    monkeypatch.setattr(R, "free_memory", lambda device: 1024)
+    run = setup(tiny_config(demo_data, tmp_path, train_batch_size=1, gradient_accumulation_steps=4))
+    assert run.accelerator.gradient_accumulation_steps == 4 and run.dataloader.total_batch_size == 1
+    assert "accumulated: the merged pass needs" in run.plan[1] and "(--merge_accumulation to merge anyway)" in run.plan[1]
+    run.accelerator.end_training()

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from diffusers import StableDiffusionXLPipeline
 from sd_lora.models import TINY_SD2, TINY_SDXL, load_pipeline, resolve_model
 from sd_lora.outputs import KOHYA_FILE
-from sd_lora.cache import CachedDataset
+from sd_lora.cache import LazyCache
 from sd_lora.run import setup
 from sd_lora.train import train, train_loop, main
 from helpers import tiny_config, read_json
@@ -78,7 +78,7 @@ def test_text_encoder_lora_trains_with_its_own_lr_and_no_cached_captions(demo_da
     cfg = tiny_config(demo_data, tmp_path, train_text_encoder=True, text_encoder_lr=3e-4, max_train_steps=2)
     r = setup(cfg)
     assert [g["lr"] for g in r.optimizer.optimizer.param_groups] == [1e-3, 3e-4]
-    assert isinstance(r.dataset, CachedDataset) and "text_embeds" not in r.dataset[0]  # images cached, captions not
+    assert isinstance(r.dataset, LazyCache) and r.dataset.texts is None  # images cached, captions not
     te_lora = {n: p.detach().clone() for n, p in r.m.text_encoder.named_parameters() if "lora_B" in n}
     assert te_lora and all(float(p.abs().sum()) == 0 for p in te_lora.values())
     train_loop(r)
