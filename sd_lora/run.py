@@ -239,7 +239,8 @@ def activation_bytes(unet, # the UNet as it trains (LoRA added, or every weight 
         if s.data_ptr() not in weights: saved[s.data_ptr()] = s.nbytes()
         return t
     hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)
-    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []), hooks, autocast():
+    eager = torch.compiler.set_stance("force_eager")  # a compiled UNet would compile for this one-sample batch too
+    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []), hooks, eager, autocast():
         x, text = torch.randn(1, c.in_channels, side, side, **like), torch.zeros(1, 77, dim, **like)
         unet(x, torch.tensor([500], device=w.device), text, **kw, return_dict=False)
     return sum(saved.values())

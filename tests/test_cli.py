@@ -45,8 +45,11 @@ def test_every_reference_flag_is_a_config_field_and_a_cli_flag():
 
 def test_documented_command_trains_checkpoints_validates_and_saves(demo_data, tmp_path):
     out = tmp_path / "sd-demo-lora"
-    run([sys.executable, "-m", "sd_lora.train", *documented_flags(resolve_model(TINY_SD), demo_data, out),
-         "--mixed_precision=no"])
+    r = run([sys.executable, "-m", "sd_lora.train", *documented_flags(resolve_model(TINY_SD), demo_data, out),
+             "--mixed_precision=no"])
+    # the run's choices, printed once: a validation prompt asks for the evaluation; random crops of these photos can't be cached
+    assert "evaluation: the fixed-noise loss on 12 training images" in r.stderr
+    assert "latents: encoded at every step" in r.stderr and "accumulation: none" in r.stderr
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "README.md",
                  "checkpoint-3", "checkpoint-6", "validation/step-000003.png", "validation/final.png"):
         assert (out / name).exists(), name
@@ -70,13 +73,14 @@ def test_documented_command_trains_checkpoints_validates_and_saves(demo_data, tm
 def test_accelerate_launch_two_cpu_processes(demo_data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    r = run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29571",
          "-m", "sd_lora.train", f"--train_data_dir={demo_data}", f"--output_dir={out}", "--resolution=64",
          "--train_batch_size=2", "--max_train_steps=3", "--learning_rate=1e-3", "--lr_warmup_steps=0",
          "--seed=0", "--report_to=none", "--cpu"], env=env)
     cfg = read_json(out / "train_config.json")
     assert cfg["num_processes"] == 2 and cfg["global_step"] == 3
+    assert r.stderr.count("evaluation: off") == 1  # the main process alone prints the run's choices
     assert (out / "pytorch_lora_weights.safetensors").exists()
 
 
