@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from PIL import Image
 from .core import to_tensor
+from .models import device_dtype
 from .data import ImageCaptionDataset, resize_shorter, crop_box, pick_caption, to_rgb, tokenize, image_header
 from .buckets import BucketDataset, fit_to_bucket
 
@@ -223,11 +225,14 @@ def crops_fixed(ds: ImageCaptionDataset, # a square or `BucketDataset` training 
     if ds.kw["center_crop"]: return True
     if isinstance(ds, BucketDataset): return False  # a random crop inside each bucket's margin
     res = ds.kw["resolution"]
-    def square(h, w): return max(res, round(w * res / min(w, h))) == max(res, round(h * res / min(w, h))) == res
-    return all(square(*image_header(ds.ds[i][ds.image_column])[1]) for i in range(len(ds)))
+    def square(cell):
+        img, (h, w) = image_header(cell)
+        if not isinstance(cell, Image.Image): img.close()
+        return max(res, round(w * res / min(w, h))) == max(res, round(h * res / min(w, h))) == res
+    return all(square(ds.ds[i][ds.image_column]) for i in range(len(ds)))
 
 class LazyCache(torch.utils.data.Dataset):
-    "Training items of `base` from memory once drawn and encoded; until then from their images, for `complete` to encode."
+    "Training items of `base`: from their images until `complete` has encoded and kept them, then from memory."
     def __init__(self, base: ImageCaptionDataset, # a training set whose crops are fixed (`crops_fixed`)
                  text: bool=True, # also keep caption embeddings (not while the text encoder trains)
                 ):
@@ -238,32 +243,31 @@ class LazyCache(torch.utils.data.Dataset):
     @property
     def skipped(self) -> int: return self.base.skipped
     def __len__(self): return len(self.base)
+    def __getstate__(self): return {**self.__dict__, "latents": dict.fromkeys(self.latents)}  # a loader worker needs only the keys
 
     def __getitem__(self, i):
         kw, rng = self.base.kw, self.base.rng(i)
         crop_box(kw["resolution"], kw["resolution"], kw["resolution"], kw["center_crop"], rng)  # as `CachedDataset` draws
         flip = kw["random_flip"] and rng.random() < 0.5
         if (i, flip) not in self.latents: return self.base[i] | {"flip": flip}  # not drawn before: from the image
-        mean, std, size, corner = self.latents[(i, flip)]
-        return {"latent_mean": mean, "latent_std": std, "caption": pick_caption(self.captions[i], rng), "index": i,
-                "flip": flip, "original_size": size, "crop_top_left": corner}
+        return {"caption": pick_caption(self.captions[i], rng), "index": i, "flip": flip}  # `complete` adds what is kept
 
     @torch.no_grad()
     def complete(self, batch: dict, # from `collate_lazy`
                  vae, # the frozen VAE, on its device and dtype
                  encode_captions=None, # captions -> (embeddings, pooled or None), when caption embeddings are kept
                 ) -> dict: # the batch `collate_cached` makes: every item's latent distribution (and caption embedding)
-        "Encode the items of `batch` drawn for the first time, keep them, and return the whole batch as cached items."
+        "Encode and keep the items of `batch` drawn for the first time; return the whole batch as cached items."
         pending = batch.pop("pending")  # plain lists: the loader leaves them on the host, so reading them costs no sync
-        if any(pending):
-            pixels = batch.pop("pixel_values").to(vae.device, vae.dtype)  # one image a call: its numbers never depend on the batch
-            new = ((d.mean[0], d.std[0]) for d in (vae.encode(x[None]).latent_dist for x in pixels))
-            old = zip(batch.pop("latent_mean", ()), batch.pop("latent_std", ()))
-            pairs = [next(new) if p else next(old) for p in pending]
-            for p, (mean, std), key, size, corner in zip(pending, pairs, batch["keys"], batch["original_sizes"],
-                                                         batch["crop_top_lefts"]):
-                if p: self.latents[key] = (mean.to("cpu", copy=True), std.to("cpu", copy=True), size, corner)
-            batch["latent_mean"], batch["latent_std"] = (torch.stack([t.to(vae.device) for t in ts]) for ts in zip(*pairs))
+        device, dtype = device_dtype(vae)
+        if any(pending):  # one image a VAE call: its numbers never depend on the rest of the batch
+            dists = [vae.encode(x[None]).latent_dist for x in batch.pop("pixel_values").to(device, dtype)]
+            new = iter(zip(torch.cat([d.mean for d in dists]).cpu(), torch.cat([d.std for d in dists]).cpu()))
+        for k, (p, key) in enumerate(zip(pending, batch["keys"])):
+            if p: self.latents[key] = (*(t.clone() for t in next(new)), batch["original_sizes"][k], batch["crop_top_lefts"][k])
+            else: batch["original_sizes"][k], batch["crop_top_lefts"][k] = self.latents[key][2:]
+        kept = [self.latents[key] for key in batch["keys"]]
+        batch["latent_mean"], batch["latent_std"] = (torch.stack([t[j] for t in kept]).to(device) for j in (0, 1))
         if self.texts is not None:
             for c in sorted({c for c in batch["captions"] if c not in self.texts}):
                 embeds, pooled = encode_captions([c])
@@ -273,14 +277,13 @@ class LazyCache(torch.utils.data.Dataset):
             if embeds[0][1] is not None: batch["pooled_text_embeds"] = torch.stack([p for _, p in embeds])
         return batch
 
-def collate_lazy(items: list[dict], # `LazyCache` items: some cached, some from their images
+def collate_lazy(items: list[dict], # `LazyCache` items: some kept, some from their images
                 ) -> dict:
-    "A batch of `LazyCache` items: latents of the cached ones, pixels of the new (`pending`) ones, for `LazyCache.complete`."
+    "A batch of `LazyCache` items, with the pixels of the new (`pending`) ones, for `LazyCache.complete`."
     pending = [("pixel_values" in it) for it in items]
     batch = {"pending": pending, "captions": [it["caption"] for it in items], "keys": [(it["index"], it["flip"]) for it in items],
              "indices": torch.tensor([it["index"] for it in items]),
-             "original_sizes": [it["original_size"] for it in items], "crop_top_lefts": [it["crop_top_left"] for it in items]}
+             "original_sizes": [it.get("original_size") for it in items], "crop_top_lefts": [it.get("crop_top_left") for it in items]}
     if any(pending): batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items if "pixel_values" in it])
-    if not all(pending):
-        for k in ("latent_mean", "latent_std"): batch[k] = torch.stack([it[k] for it in items if k in it])
     return batch
+

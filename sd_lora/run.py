@@ -240,9 +240,11 @@ def activation_bytes(unet, # the UNet as it trains (LoRA added, or every weight 
         return t
     hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)
     eager = torch.compiler.set_stance("force_eager")  # a compiled UNet would compile for this one-sample batch too
+    training, _ = unet.training, unet.train()  # as it trains: dropout keeps its masks
     with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []), hooks, eager, autocast():
         x, text = torch.randn(1, c.in_channels, side, side, **like), torch.zeros(1, 77, dim, **like)
         unet(x, torch.tensor([500], device=w.device), text, **kw, return_dict=False)
+    unet.train(training)
     return sum(saved.values())
 
 def free_memory(device: torch.device, # the run's device
@@ -265,7 +267,10 @@ def choose_merge(cfg: TrainConfig, # the run's settings: accumulation, batch siz
     if cfg.merge_accumulation is not None:
         return cfg.merge_accumulation, f"accumulation: {groups} {'merged into one batch' if cfg.merge_accumulation else 'accumulated'}, as asked"
     if deepspeed: return False, f"accumulation: {groups} accumulated, as DeepSpeed's config says (--merge_accumulation to merge)"
-    need = 2 * k * b * activation_bytes(unet, cfg.resolution, vae_scale, autocast)
+    if cfg.aspect_ratio_buckets:  # merged batches come from one bucket each: other batches, another number of steps
+        return False, f"accumulation: {groups} accumulated, each micro-batch from its own bucket (--merge_accumulation to merge)"
+    trained = sum(p.numel() for p in unet.parameters() if p.requires_grad) * 4 * 3  # fp32 gradients and AdamW's two moments, still to come
+    need = 2 * k * b * activation_bytes(unet, cfg.resolution, vae_scale, autocast) + trained
     free = free_memory(unet.device) if free is None else free
     merge = need <= free
     return merge, (f"accumulation: {groups} {'merged into one batch' if merge else 'accumulated'}: the merged pass needs "
@@ -318,7 +323,8 @@ def setup(cfg: TrainConfig, # the run's settings
     if cfg.non_ema_revision: load_non_ema_weights(m.unet, cfg)
     merge, merge_why = choose_merge(cfg, m.unet, 2 ** (len(m.vae.config.block_out_channels) - 1), autocast=accelerator.autocast,
                                     deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED)
-    if any_process(accelerator, not merge): merge = False  # every process must batch alike
+    if any_process(accelerator, not merge) and merge:  # every process must batch alike
+        merge, merge_why = False, merge_why.split(":")[0] + ": accumulated, as another process has too little memory to merge"
     if merge: accelerator.gradient_accumulation_steps = 1
 
     train_ds, eval_ds = make_datasets(cfg, m.tokenizer)

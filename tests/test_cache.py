@@ -67,6 +67,8 @@ def test_cached_bucket_run_matches_the_uncached_bucket_run(demo_data, tmp_path, 
     assert len(shapes) == 6 and any(h != w for h, w in shapes)  # cached latents of 3:2 and 2:3 buckets
     assert fast.history.losses == pytest.approx(plain.history.losses, abs=1e-4)
     assert all(torch.allclose(plain.lora[k], fast.lora[k], atol=1e-5) for k in plain.lora)
+    drawn = train(tiny_config(demo_data, tmp_path / "drawn", cache_latents="memory", dataloader_num_workers=1, **kw))
+    assert drawn.history.losses == pytest.approx(fast.history.losses, abs=1e-5)  # cached as drawn, by a loader worker
 
 
 def test_cache_as_drawn_gives_the_front_loaded_caches_losses(demo_data, tmp_path):
@@ -100,4 +102,23 @@ def test_little_free_memory_keeps_accumulating(demo_data, tmp_path, monkeypatch)
     run = setup(tiny_config(demo_data, tmp_path, train_batch_size=1, gradient_accumulation_steps=4))
     assert run.accelerator.gradient_accumulation_steps == 4 and run.dataloader.total_batch_size == 1
     assert "accumulated: the merged pass needs" in run.plan[1] and "(--merge_accumulation to merge anyway)" in run.plan[1]
+    run.accelerator.end_training()
+
+
+def test_a_loader_worker_gets_only_the_keys_of_the_kept_latents(demo_data, tmp_path):
+    "Under spawn (macOS, Windows) each epoch pickles the data set into its workers: the latents stay in the main process."
+    import pickle
+    from sd_lora.conditioning import caption_encoder
+    run = setup(tiny_config(demo_data, tmp_path, random_flip=True, train_batch_size=4))
+    lazy, m = run.dataset, run.m
+    first = lazy.complete(next(iter(run.dataloader)), m.vae, caption_encoder(m))
+    worker = pickle.loads(pickle.dumps(lazy))
+    assert set(worker.latents) == set(lazy.latents) and all(v is None for v in worker.latents.values())
+    i, flip = first["keys"][0]
+    item = worker[i]
+    assert "pixel_values" not in item and "latent_mean" not in item and item["flip"] == flip  # the main process adds them
+    from sd_lora.cache import collate_lazy
+    again = lazy.complete(collate_lazy([item]), m.vae)
+    assert torch.equal(again["latent_mean"][0], first["latent_mean"][0])
+    assert again["original_sizes"][0] == first["original_sizes"][0]
     run.accelerator.end_training()
