@@ -16,7 +16,7 @@ def flags(data, out, *more):
     return [f"--pretrained_model_name_or_path={resolve_model(TINY_SD)}", f"--train_data_dir={data}", "--resolution=64",
             "--center_crop", "--train_batch_size=2", "--gradient_accumulation_steps=2", "--max_train_steps=4",
             "--checkpointing_steps=2", "--learning_rate=1e-3", "--lr_scheduler=cosine", "--lr_warmup_steps=1",
-            "--seed=0", "--report_to=none", "--eval_samples=0", f"--output_dir={out}", "--cpu", *more]
+            "--seed=0", "--report_to=none", "--eval_samples=0", "--no_merge_accumulation", f"--output_dir={out}", "--cpu", *more]
 
 
 def trained(out, module):
