@@ -25,9 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sd_lora.core import quiet
 from sd_lora.config import TrainConfig
-from sd_lora.models import TINY_SD, byte_clip_tokenizer, device_dtype
+from sd_lora.models import TINY_SD, byte_clip_tokenizer, device_dtype, vae_scale_factor
 from sd_lora.run import setup, forget_accelerate_state
-from sd_lora.train import train_loop
+from sd_lora.train import train_loop, epoch_batches
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import step_memory  # bench/memory.py, beside this script
 
@@ -113,7 +113,7 @@ def synthetic_images(root: Path, n: int, size: int) -> str:
 def unet_flops_per_image(run) -> float:
     "FLOPs of one UNet forward and backward (LoRA training step), per image, counted by PyTorch."
     unet, m = run.unet, run.m
-    res = run.cfg.resolution // (2 ** (len(m.vae.config.block_out_channels) - 1))
+    res = run.cfg.resolution // vae_scale_factor(m.vae)
     x = torch.randn(2, 4, res, res, device=m.vae.device, dtype=m.vae.dtype)
     text = torch.randn(2, 77, m.text_encoder.config.hidden_size, device=x.device, dtype=x.dtype)
     with FlopCounterMode(display=False) as counter:
@@ -181,7 +181,7 @@ def memory_breakdown(name: str, cfg: TrainConfig) -> dict:
     `torch.cuda.max_memory_allocated` reports on a GPU (buffers that live inside one layer are not counted)."""
     forget_accelerate_state()  # each configuration has its own precision
     run = setup(cfg)
-    batch = next(iter(run.dataloader))  # a micro-batch, or the merged batch with --merge_accumulation
+    batch = next(iter(epoch_batches(run, 0)))  # a micro-batch (or a merged one), with its latents as the cache holds them
     mib = step_memory(run, batch)
     run.accelerator.end_training()
     out = {"config": name, "batch": next(v for v in batch.values() if torch.is_tensor(v)).shape[0],  # a small set may cut it short

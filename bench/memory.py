@@ -2,11 +2,13 @@
 
 A GPU reports its peak memory, but not what fills it. Frozen weights and LoRA weights are parameters; gradients and
 AdamW's two moments appear after a step; what grows with the batch is the activations autograd keeps from the forward
-pass for the backward, which a saved-tensor hook sees as autograd stores them. Buffers that live only inside one layer
+pass for the backward, which a saved-tensor hook sees as autograd stores them (`sd_lora.memory.saved_storages`, as
+the trainer's choice to merge accumulation counts them). Buffers that live only inside one layer
 are not counted, so the sum is a lower bound of the peak. `python bench/bench.py --memory` reports it per configuration.
 """
 import torch
 from sd_lora.conditioning import text_encoders
+from sd_lora.memory import saved_storages
 from sd_lora.train import training_loss
 
 
@@ -21,15 +23,10 @@ def step_memory(run, # a fresh `Run` from `setup`: what it trains takes one opti
     "The memory of one micro-step by kind, counted tensor by tensor (so on any device)."
     m = run.m
     weights = [p for model in (m.unet, m.vae, *text_encoders(m)) for p in model.parameters()]
-    known, saved = {p.untyped_storage().data_ptr() for p in weights}, []
-    def keep(t):  # autograd calls this for every tensor it keeps for the backward pass
-        if t.untyped_storage().data_ptr() not in known: saved.append(t)
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    with saved_storages({p.untyped_storage().data_ptr() for p in weights}) as saved:  # what autograd keeps for the backward
         loss = training_loss(batch, m, run.unet, run.generator, run.prediction_type, run.cfg.snr_gamma,
                              run.cfg.noise_offset, run.text_encoders or None)
-    activations = storage_mib(saved)
-    saved.clear()
+    activations = sum(saved.values()) / 2**20
     loss.backward()
     lora = [p for p in weights if p.requires_grad]
     gradients = storage_mib([p.grad for p in lora if p.grad is not None])

@@ -17,8 +17,8 @@ from .data import ImageCaptionDataset, resize_shorter, crop_box, pick_caption, t
 from .buckets import BucketDataset, fit_to_bucket
 
 # %% auto #0
-__all__ = ['fixed_crop', 'fixed_bucket_crop', 'training_crop', 'cache_key', 'data_fingerprint', 'LatentCache', 'build_cache',
-           'CachedDataset', 'collate_cached', 'crops_fixed', 'LazyCache', 'collate_lazy']
+__all__ = ['fixed_crop', 'fixed_bucket_crop', 'training_crop', 'cache_key', 'data_fingerprint', 'LatentCache', 'caption_cells',
+           'build_cache', 'cached_draws', 'CachedDataset', 'collate_cached', 'crops_fixed', 'LazyCache', 'collate_lazy']
 
 # %% ../nbs/04d_cache.ipynb #fc77f41c
 def fixed_crop(img, # a PIL image
@@ -127,6 +127,12 @@ def _encode_with(text_encoder, tokenizer):
     def encode(caps): return text_encoder(tokenize(tokenizer, caps).to(text_encoder.device), return_dict=False)[0], None
     return encode
 
+def caption_cells(ds: ImageCaptionDataset, # a training set over a list of dicts or a `datasets.Dataset`
+                 ) -> list:
+    "Each item's caption cell: a string, or a list of strings to pick one from at each epoch."
+    plain = not hasattr(ds.ds, "column_names")  # a list of dicts rather than a `datasets.Dataset`
+    return [r[ds.caption_column] for r in ds.ds] if plain else list(ds.ds[ds.caption_column])
+
 @torch.no_grad()
 def build_cache(ds: ImageCaptionDataset, # the training set whose items to encode
                 vae, # the frozen VAE, on its device and dtype
@@ -139,8 +145,7 @@ def build_cache(ds: ImageCaptionDataset, # the training set whose items to encod
                ) -> LatentCache|None: # `None` if some crop is random, so latents cannot be cached
     "Encode every image (and its mirror) and every caption once."
     flip = ds.kw["random_flip"]
-    plain = not hasattr(ds.ds, "column_names")  # a list of dicts rather than a `datasets.Dataset`
-    captions = [r[ds.caption_column] for r in ds.ds] if plain else list(ds.ds[ds.caption_column])
+    captions = caption_cells(ds)
     if folder is not None and (Path(folder) / "done.json").exists():
         return _load_disk_cache(Path(folder), captions, flip)
     if folder is not None: Path(folder).mkdir(parents=True, exist_ok=True)
@@ -184,6 +189,14 @@ def _load_disk_cache(folder: Path, captions: list, flips: bool) -> LatentCache:
                        [tuple(b) for b in meta.get("boxes", [])] or None)
 
 # %% ../nbs/04d_cache.ipynb #f30bbaea
+def cached_draws(base: ImageCaptionDataset, # the set a cache was built from
+                 i: int, # the item
+                ):
+    "Item `i`'s generator at this epoch after the draws `base` makes before its caption, and whether the item is mirrored."
+    kw, rng = base.kw, base.rng(i)
+    crop_box(kw["resolution"], kw["resolution"], kw["resolution"], kw["center_crop"], rng)  # as for a square image
+    return rng, kw["random_flip"] and rng.random() < 0.5
+
 class CachedDataset(torch.utils.data.Dataset):
     "Training items (`latent_mean`, `latent_std`, `text_embeds`) from a `LatentCache`, with the base set's choices."
     def __init__(self, base: ImageCaptionDataset, # the set the cache was built from; its per-item generators choose flips and captions
@@ -195,9 +208,7 @@ class CachedDataset(torch.utils.data.Dataset):
     def __len__(self): return len(self.base)
 
     def __getitem__(self, i):
-        kw, rng = self.base.kw, self.base.rng(i)
-        crop_box(kw["resolution"], kw["resolution"], kw["resolution"], kw["center_crop"], rng)  # as for a square image
-        flip = kw["random_flip"] and rng.random() < 0.5
+        rng, flip = cached_draws(self.base, i)
         caption = pick_caption(self.cache.captions[i], rng)
         mean, std = self.cache.latent(i, flip)
         item = {"latent_mean": mean, "latent_std": std, "caption": caption, "index": i}
@@ -237,8 +248,7 @@ class LazyCache(torch.utils.data.Dataset):
                  text: bool=True, # also keep caption embeddings (not while the text encoder trains)
                 ):
         self.base, self.latents, self.texts = base, {}, ({} if text else None)
-        plain = not hasattr(base.ds, "column_names")  # a list of dicts rather than a `datasets.Dataset`
-        self.captions = [r[base.caption_column] for r in base.ds] if plain else list(base.ds[base.caption_column])
+        self.captions = caption_cells(base)
     def set_epoch(self, epoch: int): self.base.set_epoch(epoch)
     @property
     def skipped(self) -> int: return self.base.skipped
@@ -246,9 +256,7 @@ class LazyCache(torch.utils.data.Dataset):
     def __getstate__(self): return {**self.__dict__, "latents": dict.fromkeys(self.latents)}  # a loader worker needs only the keys
 
     def __getitem__(self, i):
-        kw, rng = self.base.kw, self.base.rng(i)
-        crop_box(kw["resolution"], kw["resolution"], kw["resolution"], kw["center_crop"], rng)  # as `CachedDataset` draws
-        flip = kw["random_flip"] and rng.random() < 0.5
+        rng, flip = cached_draws(self.base, i)  # as `CachedDataset` draws
         if (i, flip) not in self.latents: return self.base[i] | {"flip": flip}  # not drawn before: from the image
         return {"caption": pick_caption(self.captions[i], rng), "index": i, "flip": flip}  # `complete` adds what is kept
 

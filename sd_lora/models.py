@@ -21,7 +21,7 @@ from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, Dif
 __all__ = ['TINY_SD', 'TINY_SD2', 'TINY_SDXL', 'TINY_FAMILY', 'TOY', 'bytes_to_unicode', 'byte_clip_tokenizer',
            'tiny_sd_pipeline', 'tiny_sd2_pipeline', 'tiny_sdxl_pipeline', 'sd_lora_home', 'tiny_sd_path',
            'tiny_family_path', 'resolve_model', 'SDComponents', 'load_components', 'model_family', 'load_pipeline',
-           'device_dtype']
+           'device_dtype', 'vae_scale_factor']
 
 # %% ../nbs/02_models.ipynb #047f4d9a
 def bytes_to_unicode() -> dict[int, str]:
@@ -226,3 +226,10 @@ def device_dtype(model: torch.nn.Module, # a model of the run: VAE, UNet (with o
     "The device and dtype of `model`'s first parameter: what `.device` and `.dtype` say for a model without offloading or casting hooks, in microseconds."
     p = next(model.parameters())
     return p.device, p.dtype
+
+# %% ../nbs/02_models.ipynb #19ed8a4a
+def vae_scale_factor(vae, # an `AutoencoderKL`
+                    ) -> int:
+    "Pixels per latent pixel, along each side: 2 to the number of the VAE's down blocks that halve the image."
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+

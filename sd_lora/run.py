@@ -4,13 +4,10 @@
 
 # %% ../nbs/05_run.ipynb #a1a1e66a
 from __future__ import annotations
-import contextlib
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -20,7 +17,7 @@ from .core import weight_dtype
 from .data import (load_image_dataset, check_columns, drop_unreadable, drop_bad_captions, warn_long_captions,
                           ImageCaptionDataset, collate)
 from diffusers import UNet2DConditionModel
-from .models import load_components, model_family, resolve_model
+from .models import load_components, model_family, resolve_model, vae_scale_factor
 from .lora import lora_config, add_lora, unet_targets
 from .conditioning import text_encoders, add_text_encoder_lora, caption_encoder, vae_dtype
 from .config import TrainConfig
@@ -32,11 +29,12 @@ from .buckets import BucketDataset
 from .cache import (build_cache, cache_key, data_fingerprint, CachedDataset, collate_cached, crops_fixed, LazyCache,
                            collate_lazy)
 from .guards import preflight
+from .memory import choose_merge
 
 # %% auto #0
 __all__ = ['enable_xformers', 'check_full_finetune', 'load_non_ema_weights', 'setup_models', 'compile_unet', 'make_optimizer',
-           'eval_count', 'eval_plan', 'make_datasets', 'cached', 'cache_plan', 'data_loader', 'activation_bytes',
-           'free_memory', 'choose_merge', 'Run', 'setup', 'forget_accelerate_state']
+           'eval_count', 'eval_plan', 'make_datasets', 'cached', 'cache_plan', 'data_loader', 'Run', 'setup',
+           'forget_accelerate_state']
 
 # %% ../nbs/05_run.ipynb #5de4bb0a
 def enable_xformers(unet, # the UNet whose attention switches to xformers' kernels
@@ -219,64 +217,6 @@ def data_loader(ds, # an `ImageCaptionDataset`, `BucketDataset`, `LazyCache` or 
         return torch.utils.data.DataLoader(ds, batch_sampler=bucketed.batch_sampler(batch_size, shuffle), **kw)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **kw)
 
-# %% ../nbs/05_run.ipynb #954a1f05
-def activation_bytes(unet, # the UNet as it trains (LoRA added, or every weight trainable), on its device
-                     resolution: int, # the training images' side in pixels
-                     vae_scale: int=8, # pixels per latent pixel
-                     autocast=contextlib.nullcontext, # the run's autocast context (`accelerator.autocast`)
-                    ) -> int:
-    "Bytes autograd keeps for the backward pass of one training sample: one forward pass of random inputs, counted."
-    c, w = unet.config, unet.conv_in.weight
-    side, like = resolution // vae_scale, dict(device=w.device, dtype=w.dtype)
-    dim = c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else c.cross_attention_dim[0]
-    kw = {}
-    if c.addition_embed_type == "text_time":  # SDXL: the pooled caption and six size numbers
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        kw["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled, **like), "time_ids": torch.zeros(1, 6, **like)}
-    weights, saved = {p.untyped_storage().data_ptr() for p in unet.parameters()}, {}
-    def keep(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in weights: saved[s.data_ptr()] = s.nbytes()
-        return t
-    hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)
-    eager = torch.compiler.set_stance("force_eager")  # a compiled UNet would compile for this one-sample batch too
-    training, _ = unet.training, unet.train()  # as it trains: dropout keeps its masks
-    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []), hooks, eager, autocast():
-        x, text = torch.randn(1, c.in_channels, side, side, **like), torch.zeros(1, 77, dim, **like)
-        unet(x, torch.tensor([500], device=w.device), text, **kw, return_dict=False)
-    unet.train(training)
-    return sum(saved.values())
-
-def free_memory(device: torch.device, # the run's device
-               ) -> int:
-    "Bytes free for one process: its GPU's free memory, or its share of the machine's available RAM."
-    if device.type == "cuda": return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by the launchers
-
-def choose_merge(cfg: TrainConfig, # the run's settings: accumulation, batch size, resolution, `merge_accumulation`
-                 unet, # the UNet as it trains
-                 vae_scale: int=8, # pixels per latent pixel
-                 free: int|None=None, # bytes free for this process (default: `free_memory` of the UNet's device)
-                 autocast=contextlib.nullcontext, # the run's autocast context
-                 deepspeed: bool=False, # DeepSpeed runs: its config already holds the accumulation
-                ) -> tuple[bool, str]: # merge or not, and why in one sentence
-    "Whether to train each accumulation group as one batch: when asked, or when the merged pass fits the free memory."
-    k, b = cfg.gradient_accumulation_steps, cfg.train_batch_size
-    groups = f"{k} micro-batches of {b}"
-    if k == 1: return False, "accumulation: none (one micro-batch per optimizer step)"
-    if cfg.merge_accumulation is not None:
-        return cfg.merge_accumulation, f"accumulation: {groups} {'merged into one batch' if cfg.merge_accumulation else 'accumulated'}, as asked"
-    if deepspeed: return False, f"accumulation: {groups} accumulated, as DeepSpeed's config says (--merge_accumulation to merge)"
-    if cfg.aspect_ratio_buckets:  # merged batches come from one bucket each: other batches, another number of steps
-        return False, f"accumulation: {groups} accumulated, each micro-batch from its own bucket (--merge_accumulation to merge)"
-    trained = sum(p.numel() for p in unet.parameters() if p.requires_grad) * 4 * 3  # fp32 gradients and AdamW's two moments, still to come
-    need = 2 * k * b * activation_bytes(unet, cfg.resolution, vae_scale, autocast) + trained
-    free = free_memory(unet.device) if free is None else free
-    merge = need <= free
-    return merge, (f"accumulation: {groups} {'merged into one batch' if merge else 'accumulated'}: the merged pass needs "
-                   f"about {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free "
-                   f"(--{'no_' if merge else ''}merge_accumulation to {'accumulate' if merge else 'merge'} anyway)")
-
 # %% ../nbs/05_run.ipynb #8609bd09
 @dataclass(kw_only=True)
 class Run:
@@ -321,10 +261,12 @@ def setup(cfg: TrainConfig, # the run's settings
     m, params, te_params = setup_models(cfg, accelerator.device, weight_dtype(accelerator.mixed_precision))
     ema = make_ema(params + te_params, cfg) if cfg.use_ema else None  # it starts from --revision's weights
     if cfg.non_ema_revision: load_non_ema_weights(m.unet, cfg)
-    merge, merge_why = choose_merge(cfg, m.unet, 2 ** (len(m.vae.config.block_out_channels) - 1), autocast=accelerator.autocast,
+    merge, merge_why = choose_merge(cfg, m.unet, vae_scale_factor(m.vae), autocast=accelerator.autocast,
                                     deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED)
     if any_process(accelerator, not merge) and merge:  # every process must batch alike
-        merge, merge_why = False, merge_why.split(":")[0] + ": accumulated, as another process has too little memory to merge"
+        merge_why = (f"accumulation: {cfg.gradient_accumulation_steps} micro-batches of {cfg.train_batch_size} "
+                     "accumulated, as another process has too little memory to merge them")
+        merge = False
     if merge: accelerator.gradient_accumulation_steps = 1
 
     train_ds, eval_ds = make_datasets(cfg, m.tokenizer)

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from fastcore.imports import IN_NOTEBOOK
 from .core import quiet
-from .models import device_dtype
+from .models import device_dtype, vae_scale_factor
 from .lora import lora_state_dict, unet_lora_state_dict
 from .conditioning import conditioning, caption_encoder
 from .cache import LazyCache
@@ -54,7 +54,7 @@ def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (la
         else:
             latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample(generator=generator)
     latents = (latents * vae.config.scaling_factor).to(device_dtype(m.unet)[1])  # an fp32 VAE (SDXL) feeds a half UNet
-    text, cond = conditioning(batch, m, encoders, tuple(s * 2 ** (len(vae.config.block_out_channels) - 1) for s in latents.shape[-2:]))
+    text, cond = conditioning(batch, m, encoders, tuple(s * vae_scale_factor(vae) for s in latents.shape[-2:]))
     return latents, text, cond
 
 def training_loss(batch: dict, # from `collate` or `collate_cached`

@@ -80,7 +80,9 @@ def test_cache_as_drawn_gives_the_front_loaded_caches_losses(demo_data, tmp_path
     run.accelerator.end_training()
     drawn = train(tiny_config(demo_data, tmp_path / "memory", cache_latents="memory", **kw))
     assert drawn.history.losses == pytest.approx(upfront.history.losses, abs=1e-5)
-    assert all(torch.allclose(upfront.lora[k], drawn.lora[k], atol=1e-6) for k in upfront.lora)
+    # one image per VAE call against batches of three: the latents differ in their last bits, and how much depends on
+    # the CPU threads' blocking (2e-6 on one thread, 6e-7 on two)
+    assert all(torch.allclose(upfront.lora[k], drawn.lora[k], atol=1e-5) for k in upfront.lora)
 
 
 def test_the_fast_default_merges_when_it_fits_and_trains_like_plain_mode(demo_data, tmp_path):
@@ -97,8 +99,8 @@ def test_the_fast_default_merges_when_it_fits_and_trains_like_plain_mode(demo_da
 
 
 def test_little_free_memory_keeps_accumulating(demo_data, tmp_path, monkeypatch):
-    import sd_lora.run as R
-    monkeypatch.setattr(R, "free_memory", lambda device: 1024)
+    import sd_lora.memory
+    monkeypatch.setattr(sd_lora.memory, "free_memory", lambda device: 1024)
     run = setup(tiny_config(demo_data, tmp_path, train_batch_size=1, gradient_accumulation_steps=4))
     assert run.accelerator.gradient_accumulation_steps == 4 and run.dataloader.total_batch_size == 1
     assert "accumulated: the merged pass needs" in run.plan[1] and "(--merge_accumulation to merge anyway)" in run.plan[1]
