@@ -22,6 +22,8 @@ py_versions = '3.10 3.11 3.12 3.13'.split()
 requirements = shlex.split(cfg.get('requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 xformers_requirements = shlex.split(cfg.get('xformers_requirements', ''))
+# one extra per optional optimizer (`--optimizer`), each named in the error a missing package gives
+optimizer_extras = {name: shlex.split(cfg.get(f'{name}_requirements', '')) for name in ('8bit', 'prodigy', 'schedulefree', 'lion')}
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 min_python = cfg['min_python']
 lic_classifier = [] if lic[1] is None else ['License :: ' + lic[1]]
@@ -38,7 +40,7 @@ setuptools.setup(
     packages = setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data = True,
     install_requires = requirements,
-    extras_require = {'dev': dev_requirements, 'xformers': xformers_requirements},
+    extras_require = {'dev': dev_requirements, 'xformers': xformers_requirements, **optimizer_extras},
     dependency_links = cfg.get('dep_links','').split(),
     python_requires  = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),

@@ -24,8 +24,7 @@ def step_memory(run, # a fresh `Run` from `setup`: what it trains takes one opti
     m = run.m
     weights = [p for model in (m.unet, m.vae, *text_encoders(m)) for p in model.parameters()]
     with saved_storages({p.untyped_storage().data_ptr() for p in weights}) as saved:  # what autograd keeps for the backward
-        loss = training_loss(batch, m, run.unet, run.generator, run.prediction_type, run.cfg.snr_gamma,
-                             run.cfg.noise_offset, run.text_encoders or None)
+        loss = training_loss(batch, m, run.unet, run.generator, run.prediction_type, run.cfg, run.text_encoders or None)
     activations = sum(saved.values()) / 2**20
     loss.backward()
     lora = [p for p in weights if p.requires_grad]

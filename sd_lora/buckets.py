@@ -10,7 +10,7 @@ from collections import Counter
 import torch
 from PIL import Image
 from .core import to_tensor
-from .data import INTERPOLATIONS, ImageCaptionDataset, image_header, open_image, to_rgb, pick_caption, tokenize
+from .data import INTERPOLATIONS, ImageCaptionDataset, image_header, open_image, to_rgb, tokenize
 
 # %% auto #0
 __all__ = ['make_buckets', 'nearest_bucket', 'image_size', 'fit_to_bucket', 'BucketBatchSampler', 'BucketDataset']
@@ -115,7 +115,7 @@ class BucketDataset(ImageCaptionDataset):
         img, size = self.image(i)
         img, (top, left) = fit_to_bucket(img, bucket, self.kw["center_crop"], rng, self.kw["interpolation"])
         if self.kw["random_flip"] and rng.random() < 0.5: img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        caption = pick_caption(row[self.caption_column], rng)
+        caption = self.caption(row[self.caption_column], rng)
         return {"pixel_values": to_tensor(img), "crop_top_left": (top, left), "original_size": size, "caption": caption,
                 "input_ids": tokenize(self.tokenizer, [caption])[0], "index": i}
 

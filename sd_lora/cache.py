@@ -13,12 +13,13 @@ from safetensors.torch import save_file
 from PIL import Image
 from .core import to_tensor
 from .models import device_dtype
-from .data import ImageCaptionDataset, resize_shorter, crop_box, pick_caption, to_rgb, tokenize, image_header
+from .data import ImageCaptionDataset, resize_shorter, crop_box, to_rgb, tokenize, image_header
 from .buckets import BucketDataset, fit_to_bucket
 
 # %% auto #0
-__all__ = ['fixed_crop', 'fixed_bucket_crop', 'training_crop', 'cache_key', 'data_fingerprint', 'LatentCache', 'caption_cells',
-           'build_cache', 'cached_draws', 'CachedDataset', 'collate_cached', 'crops_fixed', 'LazyCache', 'collate_lazy']
+__all__ = ['fixed_crop', 'fixed_bucket_crop', 'training_crop', 'cache_key', 'data_fingerprint', 'LatentCache', 'caption_variants',
+           'caption_cells', 'build_cache', 'cached_draws', 'CachedDataset', 'collate_cached', 'crops_fixed',
+           'LazyCache', 'collate_lazy']
 
 # %% ../nbs/04d_cache.ipynb #fc77f41c
 def fixed_crop(img, # a PIL image
@@ -122,6 +123,17 @@ class LatentCache:
 def _all_captions(cell) -> list[str]:
     return [cell] if isinstance(cell, str) else [str(c) for c in cell]
 
+def caption_variants(ds: ImageCaptionDataset, # a training set, maybe with a `caption_fn`
+                     caption: str, # one of its captions, as written
+                    ) -> list[str]:
+    "Every caption `caption` can become at a draw, for encoding ahead of training (a `CaptionRecipe` lists them)."
+    fn = ds.caption_fn
+    if fn is None: return [caption]
+    if not hasattr(fn, "variants"):
+        raise ValueError("this data set's caption_fn cannot list what a caption may become, so caption embeddings "
+                         "cannot be cached before training: cache images only (text=False)")
+    return fn.variants(caption)
+
 def _encode_with(text_encoder, tokenizer):
     "captions -> (last hidden state, None): SD1.x and SD2.x conditioning."
     def encode(caps): return text_encoder(tokenize(tokenizer, caps).to(text_encoder.device), return_dict=False)[0], None
@@ -170,7 +182,7 @@ def build_cache(ds: ImageCaptionDataset, # the training set whose items to encod
         shards.append(shard)
     boxes = [boxes[i] for i in range(len(ds))]
     encode = encode_captions or (text_encoder is not None and _encode_with(text_encoder, tokenizer))
-    unique = sorted({c for cell in captions for c in _all_captions(cell)}) if encode else []
+    unique = sorted({v for cell in captions for c in _all_captions(cell) for v in caption_variants(ds, c)}) if encode else []
     parts = [encode(unique[k:k + 64]) for k in range(0, len(unique), 64)]
     embeds = {"embeds": torch.cat([e.cpu() for e, _ in parts]).contiguous()} if parts else {}
     if parts and parts[0][1] is not None: embeds["pooled"] = torch.cat([p.cpu() for _, p in parts]).contiguous()
@@ -209,7 +221,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         rng, flip = cached_draws(self.base, i)
-        caption = pick_caption(self.cache.captions[i], rng)
+        caption = self.base.caption(self.cache.captions[i], rng)
         mean, std = self.cache.latent(i, flip)
         item = {"latent_mean": mean, "latent_std": std, "caption": caption, "index": i}
         if self.cache.text is not None: item |= self.cache.text_embedding(caption)
@@ -258,7 +270,7 @@ class LazyCache(torch.utils.data.Dataset):
     def __getitem__(self, i):
         rng, flip = cached_draws(self.base, i)  # as `CachedDataset` draws
         if (i, flip) not in self.latents: return self.base[i] | {"flip": flip}  # not drawn before: from the image
-        return {"caption": pick_caption(self.captions[i], rng), "index": i, "flip": flip}  # `complete` adds what is kept
+        return {"caption": self.base.caption(self.captions[i], rng), "index": i, "flip": flip}  # `complete` adds what is kept
 
     @torch.no_grad()
     def complete(self, batch: dict, # from `collate_lazy`

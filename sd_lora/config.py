@@ -103,11 +103,33 @@ class TrainConfig:
     use_ema_warmup: bool = False # (sd_lora) warm the decay up as 1 - (1 + step / ema_inv_gamma) ** -ema_power instead of (1 + step) / (10 + step)
     ema_inv_gamma: float = 1.0 # (sd_lora) inverse gamma of that warm-up
     ema_power: float = 2 / 3 # (sd_lora) power of that warm-up
+    loss_type: str = "l2" # (kohya) the loss per element: l2 (the reference's MSE), l1, huber (pseudo-Huber) or smooth_l1
+    huber_schedule: str = "snr" # (kohya) how huber_c follows the timestep: constant, exponential, or snr (near 1 at low noise, huber_c at high)
+    huber_c: float = 0.1 # (kohya) the pseudo-Huber threshold, in (0, 1]: errors above it count linearly
+    debiased_estimation_loss: bool = False # (kohya) weigh each sample's loss by 1/sqrt(SNR) (1/(SNR+1) for v-prediction)
+    min_timestep: int = 0 # (kohya) the smallest training timestep drawn
+    max_timestep: int|None = None # (kohya) one past the largest training timestep drawn; default: the scheduler's number of timesteps
+    timestep_sampling: str = "uniform" # (sd_lora) how timesteps are drawn between those bounds: uniform (the reference's) or logit_normal (SD3's)
+    logit_mean: float = 0.0 # (SD3 script) logit-normal timestep sampling's mean
+    logit_std: float = 1.0 # (SD3 script) logit-normal timestep sampling's standard deviation
+    caption_prefix: str|None = None # (kohya) a trigger word (or words) put before every caption, with a space, in training and evaluation
+    caption_dropout_rate: float = 0.0 # (kohya) train on the empty caption this often (0 to 1), so classifier-free guidance keeps working
+    shuffle_caption: bool = False # (kohya) shuffle each caption's comma-separated tags at every draw (text embeddings are then not cached)
+    keep_tokens: int = 0 # (kohya) with shuffle_caption, keep this many leading tags in place (e.g. the trigger word)
+    caption_separator: str = "," # (kohya) what separates a caption's tags for shuffle_caption and keep_tokens
+    optimizer: str = "adamw" # (DreamBooth scripts) adamw (the reference's), adamw8bit, prodigy, adafactor, adamw_schedulefree or lion; the others than adamw and adafactor come with extras, e.g. pip install "sd_lora[prodigy]"
+    prodigy_beta3: float|None = None # (DreamBooth scripts) Prodigy's coefficient for its step-size estimate; default: the square root of adam_beta2
+    prodigy_decouple: bool|None = None # (DreamBooth scripts) Prodigy's AdamW-style decoupled weight decay; on unless --no_prodigy_decouple
+    prodigy_use_bias_correction: bool|None = None # (DreamBooth scripts) Adam's bias correction in Prodigy; on unless --no_prodigy_use_bias_correction
+    prodigy_safeguard_warmup: bool|None = None # (DreamBooth scripts) keep Prodigy's step-size estimate from growing during warm-up; on unless --no_prodigy_safeguard_warmup
 
 # %% ../nbs/04b_config.ipynb #75f409f5
 CHOICES = {"mixed_precision": ["no", "fp16", "bf16"], "dynamo_backend": ["no", "inductor", "aot_eager", "eager", "cudagraphs"], "dynamo_mode": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
            "dynamo_scope": ["blocks", "unet"], "cache_latents": ["memory", "disk", "off"], "prediction_type": ["epsilon", "v_prediction"],
            "init_lora_weights": ["gaussian", "true", "false", "orthogonal"],
+           "loss_type": ["l2", "l1", "huber", "smooth_l1"], "huber_schedule": ["constant", "exponential", "snr"],
+           "timestep_sampling": ["uniform", "logit_normal"],
+           "optimizer": ["adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree", "lion"],
            "report_to": ["tensorboard", "wandb", "all", "none"],
            "lr_scheduler": ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
            "image_interpolation_mode": ["lanczos", "bicubic", "bilinear", "box", "hamming", "nearest", "nearest-exact"]}

@@ -266,10 +266,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                  caption_column: str="text", # the data set's caption column
                  seed: int=0, # seeds all random choices, with the epoch and index
                  skipped: int=0, # rows of the source left out before (bad images or captions), for the run's summary
+                 caption_fn=None, # (caption, rng) -> the caption to train on (e.g. the captions lesson's `CaptionRecipe`); `None`: as written
                 ):
         if resolution % 8: raise ValueError(f"resolution {resolution} is not a multiple of 8: the VAE needs one")
         self.ds, self.tokenizer, self.seed, self.epoch = undecoded(ds, image_column), tokenizer, seed, 0
-        self.image_column, self.caption_column, self.skipped = image_column, caption_column, skipped
+        self.image_column, self.caption_column, self.skipped, self.caption_fn = image_column, caption_column, skipped, caption_fn
         self.kw = dict(resolution=resolution, center_crop=center_crop, random_flip=random_flip,
                        interpolation=interpolation)
 
@@ -280,11 +281,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         "Image `i`, decoded no larger than the resolution needs, and its full size."
         return open_image(self.ds[i][self.image_column], self.kw["resolution"])
 
+    def caption(self, cell, # the item's caption cell: a string, or a list of strings
+                rng: random.Random, # the item's generator at this epoch
+               ) -> str:
+        "The caption an item trains on at this epoch: one of its cell's strings, then what `caption_fn` makes of it."
+        caption = pick_caption(cell, rng)
+        return caption if self.caption_fn is None else self.caption_fn(caption, rng)
+
     def __getitem__(self, i):
         row, rng = self.ds[i], self.rng(i)
         img, size = open_image(row[self.image_column], self.kw["resolution"])
         item = preprocess_image(img, rng=rng, original_size=size, **self.kw)
-        item["caption"] = pick_caption(row[self.caption_column], rng)
+        item["caption"] = self.caption(row[self.caption_column], rng)
         item["input_ids"] = tokenize(self.tokenizer, [item["caption"]])[0]
         item["index"] = i
         return item

@@ -30,11 +30,14 @@ from .cache import (build_cache, cache_key, data_fingerprint, CachedDataset, col
                            collate_lazy)
 from .guards import preflight
 from .memory import choose_merge
+from .optimizers import optimizer_for
+from .captions import CaptionRecipe
+from .diffusion import sample_timesteps, huber_c_for, elementwise_loss
 
 # %% auto #0
-__all__ = ['enable_xformers', 'check_full_finetune', 'load_non_ema_weights', 'setup_models', 'compile_unet', 'make_optimizer',
-           'eval_count', 'eval_plan', 'make_datasets', 'cached', 'cache_plan', 'data_loader', 'Run', 'setup',
-           'forget_accelerate_state']
+__all__ = ['enable_xformers', 'check_full_finetune', 'check_loss_settings', 'load_non_ema_weights', 'setup_models',
+           'compile_unet', 'eval_count', 'eval_plan', 'make_datasets', 'cached', 'cache_plan', 'data_loader', 'Run',
+           'setup', 'forget_accelerate_state']
 
 # %% ../nbs/05_run.ipynb #5de4bb0a
 def enable_xformers(unet, # the UNet whose attention switches to xformers' kernels
@@ -60,6 +63,15 @@ def check_full_finetune(cfg: TrainConfig, # the run's settings
     if cfg.dream_training and (model_family(m.unet) == "sdxl" or prediction != "epsilon"):
         raise ValueError("--dream_training supports SD1.x/SD2.x models that predict epsilon, as the reference does: "
                          "leave it out for SDXL or v-prediction")
+
+def check_loss_settings(cfg: TrainConfig, # the run's settings
+                        m, # `SDComponents`, as loaded: its scheduler's number of timesteps
+                       ):
+    "Refuse, before anything trains, loss and timestep settings the step cannot honour (each check is the step's own function)."
+    n = len(m.noise_scheduler.alphas_cumprod)
+    sample_timesteps(1, n, None, "cpu", cfg.min_timestep, cfg.max_timestep, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
+    c = huber_c_for(torch.zeros(1, dtype=torch.long), m.noise_scheduler.alphas_cumprod, cfg.huber_c, cfg.huber_schedule)
+    elementwise_loss(torch.zeros(1), torch.zeros(1), cfg.loss_type, c)
 
 def load_non_ema_weights(unet, # the UNet to train, loaded from `--revision`
                          cfg: TrainConfig, # the run's settings: the model and its `non_ema_revision`
@@ -87,6 +99,7 @@ def setup_models(cfg: TrainConfig, # the run's settings
                         cfg.pretrained_vae_model_name_or_path)
     family = model_family(m.unet)
     check_full_finetune(cfg, m)
+    check_loss_settings(cfg, m)
     for frozen in ((m.unet,) if not cfg.finetune else ()) + tuple(text_encoders(m)): frozen.requires_grad_(False).to(device, dtype)
     m.vae.requires_grad_(False).to(device, vae_dtype(family, dtype, cfg.pretrained_vae_model_name_or_path is not None))
     if cfg.finetune:  # the whole UNet trains, from fp32 master weights; mixed precision computes in half
@@ -117,23 +130,6 @@ def compile_unet(unet, # the UNet with its LoRA layers
     if scope == "blocks": unet.compile_repeated_blocks(**kw)  # each block kind compiles once and its copies reuse it
     else: unet.compile(**kw)
 
-# %% ../nbs/05_run.ipynb #a9a48779
-def make_optimizer(params: list, # the trainable parameters, or parameter groups with their own `lr`
-                   lr: float, # the learning rate, already scaled if `scale_lr`
-                   betas: tuple[float, float]=(0.9, 0.999), # Adam's `adam_beta1`, `adam_beta2`
-                   weight_decay: float=1e-2, # `adam_weight_decay`
-                   eps: float=1e-8, # `adam_epsilon`
-                   use_8bit_adam: bool=False, # bitsandbytes' 8-bit AdamW instead of PyTorch's
-                  ) -> torch.optim.Optimizer:
-    "AdamW over the trainable parameters (8-bit from bitsandbytes if asked)."
-    opt_cls = torch.optim.AdamW
-    if use_8bit_adam:
-        try: import bitsandbytes as bnb
-        except ImportError: raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        opt_cls = bnb.optim.AdamW8bit
-    fused = {"fused": True} if opt_cls is torch.optim.AdamW else {}  # one kernel for all LoRA tensors
-    return opt_cls(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, **fused)
-
 # %% ../nbs/05_run.ipynb #090121d2
 def eval_count(cfg: TrainConfig, # the run's settings
               ) -> int:
@@ -151,7 +147,7 @@ def eval_plan(n: int, # images in the evaluation set
 def make_datasets(cfg: TrainConfig, # the run's settings
                   tokenizer, # the (first) text encoder's tokenizer, for the long-caption check and the items' ids
                  ) -> tuple[ImageCaptionDataset, ImageCaptionDataset|None]:
-    "The training set (square crops, or aspect-ratio buckets) and a small fixed evaluation set (centre crops, no flips)."
+    "The training set (square crops, or aspect-ratio buckets) and a small fixed evaluation set (centre crops, no flips, no caption draws)."
     ds = load_image_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.dataset_config_name, cfg.cache_dir)
     check_columns(ds, cfg.image_column, cfg.caption_column)
     if len(ds) == 0: raise ValueError(f"the data set {cfg.dataset_name or cfg.train_data_dir!r} has no examples")
@@ -165,11 +161,15 @@ def make_datasets(cfg: TrainConfig, # the run's settings
     kw = dict(interpolation=cfg.image_interpolation_mode, image_column=cfg.image_column,
               caption_column=cfg.caption_column, seed=cfg.seed or 0)
     warn_long_captions(list(ds[cfg.caption_column]), tokenizer)
-    crop = dict(center_crop=cfg.center_crop, random_flip=cfg.random_flip, skipped=n_rows - len(ds), **kw)
+    recipe = CaptionRecipe(cfg.caption_prefix, cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_separator, cfg.caption_dropout_rate)
+    crop = dict(center_crop=cfg.center_crop, random_flip=cfg.random_flip, skipped=n_rows - len(ds),
+                caption_fn=recipe if recipe.changes else None, **kw)
     if cfg.aspect_ratio_buckets: train_ds = BucketDataset(ds, tokenizer, cfg.resolution, cfg.bucket_step, **crop)
     else: train_ds = ImageCaptionDataset(ds, tokenizer, cfg.resolution, **crop)
     n_eval = min(eval_count(cfg), len(ds))
-    eval_ds = ImageCaptionDataset(ds.select(range(n_eval)), tokenizer, cfg.resolution, True, False, **kw) if n_eval else None
+    fixed = CaptionRecipe(cfg.caption_prefix) if cfg.caption_prefix else None  # the trigger word, without dropout or shuffles
+    eval_ds = ImageCaptionDataset(ds.select(range(n_eval)), tokenizer, cfg.resolution, True, False, caption_fn=fixed,
+                                  **kw) if n_eval else None
     return train_ds, eval_ds
 
 # %% ../nbs/05_run.ipynb #3f8ebbe0
@@ -180,7 +180,8 @@ def cached(cfg: TrainConfig, # the run's settings
           ):
     "`ds` cached as first drawn (memory) or before training (disk), or `ds` itself when caching is off or impossible."
     if cfg.cache_latents == "off": return ds
-    text, buckets = not cfg.train_text_encoder, isinstance(ds, BucketDataset)  # training encoders change: images only
+    # training encoders change, and shuffled tags are too many to keep: images only
+    text, buckets = not (cfg.train_text_encoder or cfg.shuffle_caption), isinstance(ds, BucketDataset)
     if not crops_fixed(ds):
         why = ("with --aspect_ratio_buckets, each image's crop inside its bucket is random" if buckets else
                f"some images are not square at resolution {cfg.resolution}, so their random crop changes every epoch")
@@ -190,7 +191,8 @@ def cached(cfg: TrainConfig, # the run's settings
     if cfg.cache_latents == "memory": return LazyCache(ds, text)
     model = f"{cfg.pretrained_model_name_or_path}|{cfg.pretrained_vae_model_name_or_path}"
     key = cache_key(model, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.image_interpolation_mode,
-                    data_fingerprint(ds.ds), m.vae.dtype, text, cfg.bucket_step if buckets else None)
+                    data_fingerprint(ds.ds) + (f"|{ds.caption_fn!r}" if text and ds.caption_fn else ""), m.vae.dtype, text,
+                    cfg.bucket_step if buckets else None)
     folder = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache") / key
     with accelerator.main_process_first():  # one process writes a disk cache, the others then read it
         cache = build_cache(ds, m.vae, m.text_encoder if text else None, m.tokenizer, cfg.train_batch_size, folder,
@@ -278,12 +280,13 @@ def setup(cfg: TrainConfig, # the run's settings
     scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * n if cfg.scale_lr else 1
     te_lr = (cfg.learning_rate if cfg.text_encoder_lr is None else cfg.text_encoder_lr) * scale
     groups = [{"params": params}] + ([{"params": te_params, "lr": te_lr}] if te_params else [])
-    optimizer = make_optimizer(groups, cfg.learning_rate * scale, (cfg.adam_beta1, cfg.adam_beta2),
-                               cfg.adam_weight_decay, cfg.adam_epsilon, cfg.use_8bit_adam)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    optimizer = optimizer_for(cfg, groups, cfg.learning_rate * scale, deepspeed)
     steps_per_epoch = math.ceil(math.ceil(len(dl) / n) / accelerator.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     # the prepared scheduler steps once per process each optimizer step (under DeepSpeed too), hence the factor n
-    sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * n,
+    own_warmup = cfg.optimizer == "adamw_schedulefree"  # it warms up itself, under a constant schedule
+    sched = get_scheduler("constant" if own_warmup else cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * n,
                           num_training_steps=max_steps * n)
     tes = text_encoders(m) if te_params else []
     unet, *tes, optimizer, dl, sched = accelerator.prepare(m.unet, *tes, optimizer, dl, sched)

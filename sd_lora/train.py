@@ -22,11 +22,13 @@ from .config import TrainConfig, parse_args, public_config
 from diffusers.training_utils import compute_dream_and_update_latents
 from .lora import save_lora
 from .outputs import save_outputs, save_pipeline, push_to_hub
-from .diffusion import noisify, target_for, min_snr_weights, diffusion_loss, sample_noise, perturbed_noise
+from .diffusion import (noisify, target_for, min_snr_weights, debiased_weights, diffusion_loss, sample_noise,
+                               perturbed_noise, sample_timesteps, huber_c_for)
 from .ema import ema_step, ema_weights
 from .checkpoints import save_checkpoint, any_process
 from .run import Run, setup
 from .validation import evaluate, validate, final_validation
+from .optimizers import optimizer_mode
 from .guards import (StopSignals, TrainingInterrupted, nonfinite, skipping_step, check_finite_weights,
                             NONFINITE_ADVICE, refusal)
 from accelerate import PartialState
@@ -35,9 +37,9 @@ from accelerate.utils import DistributedType
 logger = logging.getLogger("sd_lora")  # silent unless a program (like `main`) shows INFO
 
 # %% auto #0
-__all__ = ['logger', 'encode_batch', 'training_loss', 'apply_update', 'deepspeed_grad_norm', 'train_step', 'History',
-           'epoch_batches', 'stop_requested', 'log_step', 'train_loop', 'TrainResult', 'trained_weights', 'train',
-           'main']
+__all__ = ['logger', 'encode_batch', 'loss_weights', 'training_loss', 'apply_update', 'deepspeed_grad_norm', 'train_step',
+           'History', 'epoch_batches', 'stop_requested', 'log_step', 'train_loop', 'TrainResult', 'trained_weights',
+           'train', 'finish', 'main']
 
 # %% ../nbs/05b_train.ipynb #159afbc5
 def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (latent_mean, latent_std, maybe text_embeds)
@@ -57,30 +59,41 @@ def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (la
     text, cond = conditioning(batch, m, encoders, tuple(s * vae_scale_factor(vae) for s in latents.shape[-2:]))
     return latents, text, cond
 
+def loss_weights(t: torch.Tensor, # the batch's timesteps
+                 alphas_cumprod: torch.Tensor, # the scheduler's $\bar\alpha$
+                 prediction_type: str, # the UNet's target
+                 cfg: TrainConfig, # `snr_gamma` and `debiased_estimation_loss`
+                ) -> torch.Tensor|None: # `(B,)`, or `None` for none
+    "Each sample's loss weight: min-SNR's, debiased estimation's, or their product."
+    weights = None if cfg.snr_gamma is None else min_snr_weights(t, alphas_cumprod, cfg.snr_gamma, prediction_type)
+    if cfg.debiased_estimation_loss:
+        debiased = debiased_weights(t, alphas_cumprod, prediction_type)
+        weights = debiased if weights is None else weights * debiased
+    return weights
+
 def training_loss(batch: dict, # from `collate` or `collate_cached`
                   m, # `SDComponents`: frozen vae and text encoder, the scheduler
                   unet, # the UNet with LoRA (possibly wrapped by accelerate)
                   generator: torch.Generator, # draws latents, noise and timesteps
                   prediction_type: str="epsilon", # the UNet's target
-                  snr_gamma: float|None=None, # Min-SNR-gamma weighting, or None
-                  noise_offset: float=0.0, # noise offset scale
+                  cfg: TrainConfig|None=None, # the loss and noise settings (snr_gamma, noise_offset, loss_type, ...); default: the reference's
                   encoders: list|None=None, # the text encoders when their LoRA trains (possibly wrapped)
-                  input_perturbation: float=0.0, # extra noise on the UNet's input only (`perturbed_noise`)
-                  dream_detail_preservation: float|None=None, # DREAM's factor, or None for no DREAM
                  ) -> torch.Tensor:
     "The diffusion loss of one batch."
+    cfg = cfg or TrainConfig()
     latents, text, cond = encode_batch(batch, m, generator, encoders)
     ac = m.noise_scheduler.alphas_cumprod
-    noise = sample_noise(latents, noise_offset, generator)
-    t = torch.randint(0, len(ac), (latents.shape[0],), device=latents.device, generator=generator)
-    noisy = noisify(latents, perturbed_noise(noise, input_perturbation, generator), t, ac)
+    noise = sample_noise(latents, cfg.noise_offset, generator)
+    t = sample_timesteps(latents.shape[0], len(ac), generator, latents.device, cfg.min_timestep, cfg.max_timestep,
+                         cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
+    noisy = noisify(latents, perturbed_noise(noise, cfg.input_perturbation, generator), t, ac)
     target = target_for(prediction_type, latents, noise, t, ac)
-    if dream_detail_preservation is not None:  # DREAM: the model's own prediction (no gradient) corrects both
+    if cfg.dream_training:  # DREAM: the model's own prediction (no gradient) corrects both
         noisy, target = compute_dream_and_update_latents(unet, m.noise_scheduler, t, noise, noisy, target, text,
-                                                         dream_detail_preservation)
+                                                         cfg.dream_detail_preservation)
     pred = unet(noisy, t, text, **cond, return_dict=False)[0]
-    weights = None if snr_gamma is None else min_snr_weights(t, ac, snr_gamma, prediction_type)
-    return diffusion_loss(pred, target, weights)
+    huber_c = huber_c_for(t, ac, cfg.huber_c, cfg.huber_schedule) if cfg.loss_type in ("huber", "smooth_l1") else None
+    return diffusion_loss(pred, target, loss_weights(t, ac, prediction_type, cfg), cfg.loss_type, huber_c)
 
 # %% ../nbs/05b_train.ipynb #7e9e0871
 def apply_update(run: Run, # the run
@@ -105,9 +118,7 @@ def train_step(run: Run, # the run
     acc, cfg = run.accelerator, run.cfg
     norm = bad = None
     with acc.accumulate(run.unet, *run.text_encoders):
-        loss = training_loss(batch, run.m, run.unet, run.generator, run.prediction_type, cfg.snr_gamma, cfg.noise_offset,
-                             run.text_encoders or None, cfg.input_perturbation,
-                             cfg.dream_detail_preservation if cfg.dream_training else None)
+        loss = training_loss(batch, run.m, run.unet, run.generator, run.prediction_type, cfg, run.text_encoders or None)
         acc.backward(loss)
         if acc.sync_gradients:
             deepspeed = acc.distributed_type == DistributedType.DEEPSPEED  # its backward has clipped and stepped
@@ -191,9 +202,11 @@ def train_loop(run: Run, # made by `setup`
                 if stop_requested(run, stop):
                     saved = saved or save_checkpoint(acc, cfg.output_dir, run.global_step, cfg.checkpoints_total_limit)
                     raise TrainingInterrupted(stop.signum or 15, saved)
-                if cfg.validation_steps and run.global_step % cfg.validation_steps == 0: validate(run)
+                if cfg.validation_steps and run.global_step % cfg.validation_steps == 0:
+                    with optimizer_mode(run.optimizer): validate(run)  # a schedule-free optimizer's averaged weights
                 if run.global_step >= run.max_train_steps: break
-            if not cfg.validation_steps and (epoch + 1) % cfg.validation_epochs == 0: validate(run)
+            if not cfg.validation_steps and (epoch + 1) % cfg.validation_epochs == 0:
+                with optimizer_mode(run.optimizer): validate(run)
             if run.global_step >= run.max_train_steps: break
     bar.close()
     losses, norms = [float(l) for l in h.losses], [float(n) for n in h.grad_norms]  # the run's only bulk host reads
@@ -235,6 +248,13 @@ def train(cfg: TrainConfig, # the run's settings; `parse_args` makes one from co
     except BaseException:
         acc.end_training()
         raise
+    with optimizer_mode(run.optimizer): return finish(run, h)  # a schedule-free optimizer's averaged weights are saved
+
+def finish(run: Run, # a run whose loop has ended
+           h: History, # what the loop recorded
+          ) -> TrainResult:
+    "Evaluate, save and validate the trained weights (an EMA's average where there is one); end the run."
+    acc, cfg = run.accelerator, run.cfg
     if h.skipped_steps: warnings.warn(f"{h.skipped_steps} optimizer steps had NaN or Inf gradients and were skipped")
     if run.dataset.skipped: warnings.warn(f"trained on {len(run.dataset)} examples: {run.dataset.skipped} rows of the "
                                            "data set were skipped before training, as the warning at the start said")

@@ -1,4 +1,5 @@
 "The training loop: steps, clipping, precision, accumulation, resume, outputs."
+import sys
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -101,13 +102,9 @@ def test_unknown_column_lists_the_available_ones(demo_data, tmp_path):
         setup(tiny_config(demo_data, tmp_path, caption_column="caption"))
 
 
-def test_8bit_adam_without_bitsandbytes_says_how_to_install(demo_data, tmp_path):
-    try:
-        import bitsandbytes  # noqa: F401
-        pytest.skip("bitsandbytes is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+def test_8bit_adam_without_bitsandbytes_says_how_to_install(demo_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r'pip install "sd_lora\[8bit\]"'):
         setup(tiny_config(demo_data, tmp_path, use_8bit_adam=True))
 
 

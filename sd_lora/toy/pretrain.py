@@ -19,7 +19,7 @@ from fastcore.imports import IN_NOTEBOOK
 from ..core import quiet, to_tensor
 from ..data import tokenize
 from ..diffusion import noisify, target_for, diffusion_loss, sample_noise, min_snr_weights
-from ..run import make_optimizer
+from ..optimizers import make_optimizer
 from .world import (SHAPES, BASE_COLOURS, NEW_COLOURS, TEXTURES, draw, world, random_toy_pipeline, prompts_for,
                          sample, score)
 
