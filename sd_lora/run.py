@@ -67,9 +67,9 @@ def check_full_finetune(cfg: TrainConfig, # the run's settings
 def check_loss_settings(cfg: TrainConfig, # the run's settings
                         m, # `SDComponents`, as loaded: its scheduler's number of timesteps
                        ):
-    "Refuse, before anything trains, loss and timestep settings the step cannot honour (each check is the step's own function)."
+    "Refuse, before anything trains, loss and timestep settings the step cannot honour (each check is the step's own function, drawing from its own generator)."
     n = len(m.noise_scheduler.alphas_cumprod)
-    sample_timesteps(1, n, None, "cpu", cfg.min_timestep, cfg.max_timestep, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
+    sample_timesteps(1, n, torch.Generator(), "cpu", cfg.min_timestep, cfg.max_timestep, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
     c = huber_c_for(torch.zeros(1, dtype=torch.long), m.noise_scheduler.alphas_cumprod, cfg.huber_c, cfg.huber_schedule)
     elementwise_loss(torch.zeros(1), torch.zeros(1), cfg.loss_type, c)
 
