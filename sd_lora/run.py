@@ -263,8 +263,8 @@ def setup(cfg: TrainConfig, # the run's settings
     m, params, te_params = setup_models(cfg, accelerator.device, weight_dtype(accelerator.mixed_precision))
     ema = make_ema(params + te_params, cfg) if cfg.use_ema else None  # it starts from --revision's weights
     if cfg.non_ema_revision: load_non_ema_weights(m.unet, cfg)
-    merge, merge_why = choose_merge(cfg, m.unet, vae_scale_factor(m.vae), autocast=accelerator.autocast,
-                                    deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    merge, merge_why = choose_merge(cfg, m.unet, vae_scale_factor(m.vae), autocast=accelerator.autocast, deepspeed=deepspeed)
     if any_process(accelerator, not merge) and merge:  # every process must batch alike
         merge_why = (f"accumulation: {cfg.gradient_accumulation_steps} micro-batches of {cfg.train_batch_size} "
                      "accumulated, as another process has too little memory to merge them")
@@ -280,7 +280,6 @@ def setup(cfg: TrainConfig, # the run's settings
     scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * n if cfg.scale_lr else 1
     te_lr = (cfg.learning_rate if cfg.text_encoder_lr is None else cfg.text_encoder_lr) * scale
     groups = [{"params": params}] + ([{"params": te_params, "lr": te_lr}] if te_params else [])
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     optimizer = optimizer_for(cfg, groups, cfg.learning_rate * scale, deepspeed)
     steps_per_epoch = math.ceil(math.ceil(len(dl) / n) / accelerator.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch

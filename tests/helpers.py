@@ -12,5 +12,15 @@ def tiny_config(data_dir, output_dir, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def full_and_resumed(data_dir, tmp_path, step: int, **kw):
+    "An uninterrupted run, and one resumed in another folder from the first's checkpoint at `step`: (full, resumed)."
+    from sd_lora.train import train
+    full = train(tiny_config(data_dir, tmp_path / "full", **kw))
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "full" / f"checkpoint-{step}").rename(tmp_path / "resumed" / f"checkpoint-{step}")
+    resumed = train(tiny_config(data_dir, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
+    return full, resumed
+
+
 def read_json(path):
     return json.loads(Path(path).read_text())

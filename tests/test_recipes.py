@@ -13,7 +13,7 @@ from sd_lora.models import TINY_SDXL
 from sd_lora.run import setup
 from safetensors.torch import load_file
 from sd_lora.train import train
-from helpers import tiny_config
+from helpers import tiny_config, full_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +149,7 @@ def test_a_run_with_every_recipe_resumes_exactly(tagged_data, tmp_path, model):
               min_timestep=50, max_timestep=950, timestep_sampling="logit_normal", caption_prefix="trigger,",
               caption_dropout_rate=0.2, shuffle_caption=True, keep_tokens=1,
               **({"pretrained_model_name_or_path": model} if model else {}))
-    full = train(tiny_config(tagged_data, tmp_path / "full", **kw))
-    (tmp_path / "resumed").mkdir()
-    (tmp_path / "full" / "checkpoint-3").rename(tmp_path / "resumed" / "checkpoint-3")
-    resumed = train(tiny_config(tagged_data, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
+    full, resumed = full_and_resumed(tagged_data, tmp_path, 3, **kw)
     assert resumed.history.losses == pytest.approx(full.history.losses[3:], abs=1e-6)
     assert all(torch.allclose(full.lora[k], resumed.lora[k], atol=1e-7) for k in full.lora)
 
@@ -166,11 +163,8 @@ OPTIMIZER_RUNS = {"prodigy": dict(learning_rate=1.0), "adafactor": {}, "lion": d
 def test_each_optimizer_trains_and_resumes_exactly(demo_data, tmp_path, name, model):
     kw = dict(optimizer=name, max_train_steps=4, checkpointing_steps=2, **OPTIMIZER_RUNS[name],
               **({"pretrained_model_name_or_path": model} if model else {}))
-    full = train(tiny_config(demo_data, tmp_path / "full", **kw))
+    full, resumed = full_and_resumed(demo_data, tmp_path, 2, **kw)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in full.lora.items() if "lora.up" in k)  # it trained
-    (tmp_path / "resumed").mkdir()
-    (tmp_path / "full" / "checkpoint-2").rename(tmp_path / "resumed" / "checkpoint-2")
-    resumed = train(tiny_config(demo_data, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
     assert resumed.history.losses == pytest.approx(full.history.losses[2:], abs=1e-6)
     assert all(torch.allclose(full.lora[k], resumed.lora[k], atol=1e-7) for k in full.lora)
 

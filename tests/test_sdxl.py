@@ -11,8 +11,8 @@ from sd_lora.models import TINY_SD2, TINY_SDXL, load_pipeline, resolve_model
 from sd_lora.outputs import KOHYA_FILE
 from sd_lora.cache import LazyCache
 from sd_lora.run import setup
-from sd_lora.train import train, train_loop, main
-from helpers import tiny_config, read_json
+from sd_lora.train import train_loop, main
+from helpers import tiny_config, read_json, full_and_resumed
 
 
 def run(cmd, **kw):
@@ -93,11 +93,8 @@ def test_text_encoder_lora_trains_with_its_own_lr_and_no_cached_captions(demo_da
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_text_encoder_lora_resumes_exactly(demo_data, tmp_path, use_dora):
     kw = dict(train_text_encoder=True, max_train_steps=4, checkpointing_steps=2, cache_latents="off", use_dora=use_dora)
-    full = train(tiny_config(demo_data, tmp_path / "full", **kw))
+    full, resumed = full_and_resumed(demo_data, tmp_path, 2, **kw)
     assert any(k.startswith("text_encoder.") for k in full.lora)
-    (tmp_path / "resumed").mkdir()
-    (tmp_path / "full" / "checkpoint-2").rename(tmp_path / "resumed" / "checkpoint-2")
-    resumed = train(tiny_config(demo_data, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
     assert resumed.history.losses == pytest.approx(full.history.losses[2:], abs=1e-6)
     assert all(torch.allclose(full.lora[k], resumed.lora[k], atol=1e-7) for k in full.lora)
 

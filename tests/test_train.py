@@ -7,7 +7,7 @@ from sd_lora.run import setup
 from sd_lora.train import train, train_step
 from sd_lora.outputs import hub_files, KOHYA_FILE
 from sd_lora.models import load_pipeline
-from helpers import tiny_config, read_json
+from helpers import tiny_config, read_json, full_and_resumed
 
 
 def _unet_out(unet):
@@ -33,10 +33,7 @@ def test_clipping_clips_the_lora_gradients(demo_data, tmp_path):
 def test_resume_mid_epoch_with_accumulation_matches_uninterrupted_run(demo_data, tmp_path):
     kw = dict(max_train_steps=5, gradient_accumulation_steps=2, checkpointing_steps=2, random_flip=True,
               lr_scheduler="cosine", lr_warmup_steps=1)
-    full = train(tiny_config(demo_data, tmp_path / "full", **kw))
-    (tmp_path / "resumed").mkdir()
-    (tmp_path / "full" / "checkpoint-2").rename(tmp_path / "resumed" / "checkpoint-2")
-    resumed = train(tiny_config(demo_data, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
+    full, resumed = full_and_resumed(demo_data, tmp_path, 2, **kw)
     assert resumed.global_step == full.global_step == 5
     assert resumed.history.losses == pytest.approx(full.history.losses[2:], abs=1e-6)
     assert resumed.history.lrs == pytest.approx(full.history.lrs[2:])
