@@ -58,9 +58,10 @@ def register_lora_hooks(accelerator: Accelerator, # the run's accelerator, whose
 # %% ../nbs/04a_checkpoints.ipynb #afc2bbf9
 def register_generator_hooks(accelerator: Accelerator, # the run's accelerator
                              generator: torch.Generator, # this process's noise generator
+                             stem: str="generator", # the file's name before the rank (the class images' generator: "prior-generator")
                             ):
-    "Make `save_state`/`load_state` save and restore `generator` as `generator-{rank}.safetensors`."
-    name = f"generator-{accelerator.process_index}.safetensors"
+    "Make `save_state`/`load_state` save and restore `generator` as `{stem}-{rank}.safetensors`."
+    name = f"{stem}-{accelerator.process_index}.safetensors"
     def save_hook(models, weights, output_dir): save_file({"state": generator.get_state()}, str(Path(output_dir) / name))
     def load_hook(models, input_dir):
         path = Path(input_dir) / name

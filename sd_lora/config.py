@@ -117,6 +117,14 @@ class TrainConfig:
     shuffle_caption: bool = False # (kohya) shuffle each caption's comma-separated tags at every draw (text embeddings are then not cached)
     keep_tokens: int = 0 # (kohya) with shuffle_caption, keep this many leading tags in place (e.g. the trigger word)
     caption_separator: str = "," # (kohya) what separates a caption's tags for shuffle_caption and keep_tokens
+    with_prior_preservation: bool = False # (DreamBooth scripts) train on class images beside the data, their loss weighted by prior_loss_weight, so the model keeps the class it had
+    class_data_dir: str|None = None # (DreamBooth scripts) a folder of class images; the base model draws the missing ones up to num_class_images
+    class_prompt: str|None = None # (DreamBooth scripts) the caption of the class images (e.g. "a photo of a dog"), and their prompt when drawn
+    num_class_images: int = 100 # (DreamBooth scripts) class images to train beside the data; fewer in class_data_dir are drawn by the base model, seeded, and kept there
+    prior_loss_weight: float = 1.0 # (DreamBooth scripts) the weight of the class images' loss beside the data's
+    sample_batch_size: int = 4 # (DreamBooth scripts) class images drawn per pipeline call
+    prior_generation_precision: str|None = None # (DreamBooth scripts) the drawing pipeline's dtype: no (fp32), fp32, fp16 or bf16; default: fp16 on a GPU, else fp32
+    reg_data_dir: str|None = None # (kohya) regularisation images as an imagefolder with captions (class_prompt for those without): prior preservation from images of your own
     optimizer: str = "adamw" # (DreamBooth scripts) adamw (the reference's), adamw8bit, prodigy, adafactor, adamw_schedulefree or lion; the others than adamw and adafactor come with extras, e.g. pip install "sd_lora[prodigy]"
     prodigy_beta3: float|None = None # (DreamBooth scripts) Prodigy's coefficient for its step-size estimate; default: the square root of adam_beta2
     prodigy_decouple: bool|None = None # (DreamBooth scripts) Prodigy's AdamW-style decoupled weight decay; on unless --no_prodigy_decouple
@@ -128,7 +136,7 @@ CHOICES = {"mixed_precision": ["no", "fp16", "bf16"], "dynamo_backend": ["no", "
            "dynamo_scope": ["blocks", "unet"], "cache_latents": ["memory", "disk", "off"], "prediction_type": ["epsilon", "v_prediction"],
            "init_lora_weights": ["gaussian", "true", "false", "orthogonal"],
            "loss_type": ["l2", "l1", "huber", "smooth_l1"], "huber_schedule": ["constant", "exponential", "snr"],
-           "timestep_sampling": ["uniform", "logit_normal"],
+           "timestep_sampling": ["uniform", "logit_normal"], "prior_generation_precision": ["no", "fp32", "fp16", "bf16"],
            "optimizer": ["adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree", "lion"],
            "report_to": ["tensorboard", "wandb", "all", "none"],
            "lr_scheduler": ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],

@@ -74,7 +74,8 @@ def choose_merge(cfg: TrainConfig, # the run's settings: accumulation, batch siz
     if cfg.aspect_ratio_buckets:  # merged batches come from one bucket each: other batches, another number of steps
         return False, f"accumulation: {groups} accumulated, each micro-batch from its own bucket (--merge_accumulation to merge)"
     trained = sum(p.numel() for p in unet.parameters() if p.requires_grad) * 4 * 3  # fp32 gradients and AdamW's two moments, still to come
-    need = 2 * k * b * activation_bytes(unet, cfg.resolution, vae_scale, autocast) + trained
+    halves = 2 if cfg.with_prior_preservation or cfg.reg_data_dir else 1  # class images beside each item
+    need = 2 * k * b * halves * activation_bytes(unet, cfg.resolution, vae_scale, autocast) + trained
     free = free_memory(unet.device) if free is None else free
     merge = need <= free
     return merge, (f"accumulation: {groups} {'merged into one batch' if merge else 'accumulated'}: the merged pass needs "

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed, DistributedType
 from diffusers.optimization import get_scheduler
 from .core import weight_dtype
 from .data import (load_image_dataset, check_columns, drop_unreadable, drop_bad_captions, warn_long_captions,
-                          ImageCaptionDataset, collate)
+                          ImageCaptionDataset)
 from diffusers import UNet2DConditionModel
 from .models import load_components, model_family, resolve_model, vae_scale_factor
 from .lora import lora_config, add_lora, unet_targets
@@ -26,12 +26,12 @@ from .checkpoints import (register_generator_hooks, register_lora_hooks, agreed_
 from .backends import make_accelerator
 from .ema import make_ema, register_ema_hooks
 from .buckets import BucketDataset
-from .cache import (build_cache, cache_key, data_fingerprint, CachedDataset, collate_cached, crops_fixed, LazyCache,
-                           collate_lazy)
+from .cache import build_cache, cache_key, data_fingerprint, CachedDataset, crops_fixed, LazyCache
 from .guards import preflight
 from .memory import choose_merge
 from .optimizers import optimizer_for
 from .captions import CaptionRecipe
+from .prior import class_images_drawn, prior_dataset, prior_plan, PriorPairs, collate_for, PRIOR_SEED
 from .diffusion import sample_timesteps, huber_c_for, elementwise_loss
 
 # %% auto #0
@@ -202,18 +202,18 @@ def cached(cfg: TrainConfig, # the run's settings
 def cache_plan(ds, # the training set `cached` returned
               ) -> str:
     "How the run's latents are cached, in one sentence."
+    if isinstance(ds, PriorPairs): ds = ds.base
     if isinstance(ds, LazyCache): return "latents: cached in memory as each image is first drawn (the first epoch encodes them, later epochs reuse them)"
     if isinstance(ds, CachedDataset): return "latents: read from the disk cache, built before the first step unless an earlier run had built it"
     return "latents: encoded at every step"
 
-def data_loader(ds, # an `ImageCaptionDataset`, `BucketDataset`, `LazyCache` or `CachedDataset`
+def data_loader(ds, # an `ImageCaptionDataset`, `BucketDataset`, `LazyCache`, `CachedDataset` or `PriorPairs`
                 batch_size: int, # items per batch
                 shuffle: bool, # shuffle every epoch
                 num_workers: int=0, # loader worker processes (`dataloader_num_workers`)
                ) -> torch.utils.data.DataLoader:
     "Batches of `ds`; for buckets, each batch from one bucket."
-    collate_fn = {CachedDataset: collate_cached, LazyCache: collate_lazy}.get(type(ds), collate)
-    kw = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
+    kw = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_for(ds))
     bucketed = ds.base if isinstance(ds, (CachedDataset, LazyCache)) else ds
     if isinstance(bucketed, BucketDataset):
         return torch.utils.data.DataLoader(ds, batch_sampler=bucketed.batch_sampler(batch_size, shuffle), **kw)
@@ -242,6 +242,7 @@ class Run:
     global_step: int = 0 # optimizer steps done (after a resume: the checkpoint's)
     first_epoch: int = 0 # the epoch a resumed run starts in
     skip_batches: int = 0 # batches of `first_epoch` a resumed run already trained on
+    prior_generator: torch.Generator|None = None # draws the class images' noise (prior preservation), saved in checkpoints
     ema: object|None = None # the EMA of the trained parameters (`--use_ema`), from `make_ema`
     plan: list = field(default_factory=list) # what the run chose where the user left it open, one sentence each (printed at the start)
 
@@ -259,6 +260,7 @@ def setup(cfg: TrainConfig, # the run's settings
     if any_process(accelerator, problem is not None):
         raise problem or OSError("another machine's --output_dir cannot be used; its message says why")
     share_output_dir(accelerator, out)
+    drawn = class_images_drawn(cfg, accelerator)  # before the training models load: the base model draws them
     if cfg.allow_tf32: torch.backends.cuda.matmul.allow_tf32 = True
     m, params, te_params = setup_models(cfg, accelerator.device, weight_dtype(accelerator.mixed_precision))
     ema = make_ema(params + te_params, cfg) if cfg.use_ema else None  # it starts from --revision's weights
@@ -273,6 +275,8 @@ def setup(cfg: TrainConfig, # the run's settings
 
     train_ds, eval_ds = make_datasets(cfg, m.tokenizer)
     train_ds = cached(cfg, train_ds, m, accelerator)
+    prior_ds = prior_dataset(cfg, m.tokenizer)
+    if prior_ds is not None: train_ds = PriorPairs(train_ds, cached(cfg, prior_ds, m, accelerator))
     batch_size = cfg.train_batch_size * (cfg.gradient_accumulation_steps if merge else 1)
     dl = data_loader(train_ds, batch_size, True, cfg.dataloader_num_workers)
     eval_dl = eval_ds and data_loader(eval_ds, cfg.train_batch_size, False, cfg.dataloader_num_workers)
@@ -293,12 +297,17 @@ def setup(cfg: TrainConfig, # the run's settings
     generator = torch.Generator(accelerator.device).manual_seed((cfg.seed or 0) + accelerator.process_index)
     if not cfg.finetune: register_lora_hooks(accelerator, unet, tes)  # else accelerate saves the whole UNet
     register_generator_hooks(accelerator, generator)
+    prior_generator = None
+    if prior_ds is not None:
+        prior_generator = torch.Generator(accelerator.device).manual_seed((cfg.seed or 0) + PRIOR_SEED + accelerator.process_index)
+        register_generator_hooks(accelerator, prior_generator, "prior-generator")
     if ema is not None: register_ema_hooks(accelerator, ema)
     run = Run(cfg=cfg, accelerator=accelerator, m=m, unet=unet, params=params + te_params, text_encoders=tes,
               dataset=train_ds, dataloader=dl, eval_dataloader=eval_dl, optimizer=optimizer, lr_scheduler=sched,
-              generator=generator, prediction_type=m.noise_scheduler.config.prediction_type, max_train_steps=max_steps,
+              generator=generator, prior_generator=prior_generator, prediction_type=m.noise_scheduler.config.prediction_type, max_train_steps=max_steps,
               num_train_epochs=math.ceil(max_steps / steps_per_epoch), steps_per_epoch=steps_per_epoch, ema=ema,
-              plan=[cache_plan(train_ds), merge_why, eval_plan(len(eval_ds) if eval_ds else 0)])
+              plan=[cache_plan(train_ds), merge_why, eval_plan(len(eval_ds) if eval_ds else 0)]
+                   + ([prior_plan(cfg, len(prior_ds), drawn)] if prior_ds is not None else []))
     if cfg.resume_from_checkpoint:
         ckpt = agreed_checkpoint(accelerator, out, cfg.resume_from_checkpoint)
         wrote, this = checkpoint_trainer(ckpt), "sd_lora.finetune" if cfg.finetune else "sd_lora.train"

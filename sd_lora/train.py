@@ -16,8 +16,8 @@ from fastcore.imports import IN_NOTEBOOK
 from .core import quiet
 from .models import device_dtype, vae_scale_factor
 from .lora import lora_state_dict, unet_lora_state_dict
-from .conditioning import conditioning, caption_encoder
-from .cache import LazyCache
+from .conditioning import conditioning
+from .prior import completed
 from .config import TrainConfig, parse_args, public_config
 from diffusers.training_utils import compute_dream_and_update_latents
 from .lora import save_lora
@@ -37,9 +37,9 @@ from accelerate.utils import DistributedType
 logger = logging.getLogger("sd_lora")  # silent unless a program (like `main`) shows INFO
 
 # %% auto #0
-__all__ = ['logger', 'encode_batch', 'loss_weights', 'training_loss', 'apply_update', 'deepspeed_grad_norm', 'train_step',
-           'History', 'epoch_batches', 'stop_requested', 'log_step', 'train_loop', 'TrainResult', 'trained_weights',
-           'train', 'finish', 'main']
+__all__ = ['logger', 'encode_batch', 'loss_weights', 'noised', 'joined', 'half_loss', 'training_loss', 'apply_update',
+           'deepspeed_grad_norm', 'train_step', 'History', 'epoch_batches', 'stop_requested', 'log_step', 'train_loop',
+           'TrainResult', 'trained_weights', 'train', 'finish', 'main']
 
 # %% ../nbs/05b_train.ipynb #159afbc5
 def encode_batch(batch: dict, # pixel_values and captions, or a cached batch (latent_mean, latent_std, maybe text_embeds)
@@ -71,29 +71,64 @@ def loss_weights(t: torch.Tensor, # the batch's timesteps
         weights = debiased if weights is None else weights * debiased
     return weights
 
-def training_loss(batch: dict, # from `collate` or `collate_cached`
+def noised(latents: torch.Tensor, # scaled latents
+           m, # `SDComponents`: the noise scheduler
+           generator: torch.Generator, # draws noise and timesteps
+           prediction_type: str, # the UNet's target
+           cfg: TrainConfig, # the noise settings (noise_offset, timestep bounds and sampling, input_perturbation)
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: # noise, timesteps, noisy latents, target
+    "The noise and timesteps drawn for `latents`, the noisy latents the UNet sees, and what it should predict."
+    ac = m.noise_scheduler.alphas_cumprod
+    noise = sample_noise(latents, cfg.noise_offset, generator)
+    t = sample_timesteps(latents.shape[0], len(ac), generator, latents.device, cfg.min_timestep, cfg.max_timestep,
+                         cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
+    noisy = noisify(latents, perturbed_noise(noise, cfg.input_perturbation, generator), t, ac)
+    return noise, t, noisy, target_for(prediction_type, latents, noise, t, ac)
+
+def joined(a, # a tensor, or a dict of them (SDXL's added conditions)
+           b, # the same for the other half
+          ):
+    "Two halves of a batch as one, along the batch dimension."
+    return {k: joined(a[k], b[k]) for k in a} if isinstance(a, dict) else torch.cat([a, b])
+
+def half_loss(pred: torch.Tensor, # the UNet's output for these samples
+              target: torch.Tensor, # what it should have predicted
+              t: torch.Tensor, # their timesteps
+              m, # `SDComponents`: the noise scheduler
+              prediction_type: str, # the UNet's target
+              cfg: TrainConfig, # the loss settings
+             ) -> torch.Tensor:
+    "The loss of some samples of the batch, with their weights and Huber thresholds."
+    ac = m.noise_scheduler.alphas_cumprod
+    huber_c = huber_c_for(t, ac, cfg.huber_c, cfg.huber_schedule) if cfg.loss_type in ("huber", "smooth_l1") else None
+    return diffusion_loss(pred, target, loss_weights(t, ac, prediction_type, cfg), cfg.loss_type, huber_c)
+
+def training_loss(batch: dict, # from `collate`, `collate_cached` or, with class images, `collate_pairs`
                   m, # `SDComponents`: frozen vae and text encoder, the scheduler
                   unet, # the UNet with LoRA (possibly wrapped by accelerate)
                   generator: torch.Generator, # draws latents, noise and timesteps
                   prediction_type: str="epsilon", # the UNet's target
                   cfg: TrainConfig|None=None, # the loss and noise settings (snr_gamma, noise_offset, loss_type, ...); default: the reference's
                   encoders: list|None=None, # the text encoders when their LoRA trains (possibly wrapped)
+                  prior_generator: torch.Generator|None=None, # draws the class images' latents, noise and timesteps
                  ) -> torch.Tensor:
-    "The diffusion loss of one batch."
+    "The diffusion loss of one batch, plus `prior_loss_weight` times its class images' loss (prior preservation)."
     cfg = cfg or TrainConfig()
     latents, text, cond = encode_batch(batch, m, generator, encoders)
-    ac = m.noise_scheduler.alphas_cumprod
-    noise = sample_noise(latents, cfg.noise_offset, generator)
-    t = sample_timesteps(latents.shape[0], len(ac), generator, latents.device, cfg.min_timestep, cfg.max_timestep,
-                         cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
-    noisy = noisify(latents, perturbed_noise(noise, cfg.input_perturbation, generator), t, ac)
-    target = target_for(prediction_type, latents, noise, t, ac)
+    noise, t, noisy, target = noised(latents, m, generator, prediction_type, cfg)
+    n = len(latents)
+    if "prior" in batch:  # one UNet pass over both halves; the class images draw from their own generator
+        p_latents, p_text, p_cond = encode_batch(batch["prior"], m, prior_generator, encoders)
+        halves = zip((text, cond, noise, t, noisy, target), (p_text, p_cond, *noised(p_latents, m, prior_generator, prediction_type, cfg)))
+        text, cond, noise, t, noisy, target = (joined(a, b) for a, b in halves)
     if cfg.dream_training:  # DREAM: the model's own prediction (no gradient) corrects both
         noisy, target = compute_dream_and_update_latents(unet, m.noise_scheduler, t, noise, noisy, target, text,
                                                          cfg.dream_detail_preservation)
     pred = unet(noisy, t, text, **cond, return_dict=False)[0]
-    huber_c = huber_c_for(t, ac, cfg.huber_c, cfg.huber_schedule) if cfg.loss_type in ("huber", "smooth_l1") else None
-    return diffusion_loss(pred, target, loss_weights(t, ac, prediction_type, cfg), cfg.loss_type, huber_c)
+    loss = half_loss(pred[:n], target[:n], t[:n], m, prediction_type, cfg)
+    if "prior" in batch: loss = loss + cfg.prior_loss_weight * half_loss(pred[n:], target[n:], t[n:], m, prediction_type, cfg)
+    return loss
+
 
 # %% ../nbs/05b_train.ipynb #7e9e0871
 def apply_update(run: Run, # the run
@@ -118,7 +153,8 @@ def train_step(run: Run, # the run
     acc, cfg = run.accelerator, run.cfg
     norm = bad = None
     with acc.accumulate(run.unet, *run.text_encoders):
-        loss = training_loss(batch, run.m, run.unet, run.generator, run.prediction_type, cfg, run.text_encoders or None)
+        loss = training_loss(batch, run.m, run.unet, run.generator, run.prediction_type, cfg, run.text_encoders or None,
+                             run.prior_generator)
         acc.backward(loss)
         if acc.sync_gradients:
             deepspeed = acc.distributed_type == DistributedType.DEEPSPEED  # its backward has clipped and stepped
@@ -143,13 +179,11 @@ class History:
 def epoch_batches(run: Run, # the run
                   epoch: int, # the epoch about to start
                  ):
-    "The batches of `epoch`, skipping those a resumed run has already trained on; items drawn for the first time are encoded and kept (`LazyCache`)."
+    "The batches of `epoch`, skipping those a resumed run has already trained on; items drawn for the first time are encoded and kept (`LazyCache`, `completed`)."
     run.dataset.set_epoch(epoch)
     dl = run.accelerator.skip_first_batches(run.dataloader, run.skip_batches) if epoch == run.first_epoch else run.dataloader
     dl.set_epoch(epoch)
-    if not isinstance(run.dataset, LazyCache): return dl
-    encode = caption_encoder(run.m) if run.dataset.texts is not None else None
-    return (run.dataset.complete(batch, run.m.vae, encode) for batch in dl)
+    return (completed(run.dataset, batch, run.m) for batch in dl)
 
 def stop_requested(run: Run, # the run
                    stop: StopSignals, # set by SIGINT/SIGTERM on this process
