@@ -17,7 +17,7 @@ from .train import train
 from .inference import generate, load_lora
 from .mixing import comparison_grid
 from .toy.world import BASE_COLOURS, NEW_COLOURS, prompts_for
-from .toy.lora import concept_data, teach_config, lora_scores, figures_table
+from .toy.lora import concept_data, base_data, teach_config, lora_scores, figures_table
 
 # %% auto #0
 __all__ = ['plot_losses', 'default_data', 'demo_config', 'demo', 'demo_cli']
@@ -38,10 +38,11 @@ def plot_losses(losses: list[float], # loss of each step
 
 def default_data(output_dir: Path, # the demo's output folder
                  pretrained_model_name_or_path: str, # the base model
-                ) -> str:
-    "The toy model's new-colour pictures (with base pictures beside them), or the demo photos for any other model."
-    if pretrained_model_name_or_path == TOY: return str(concept_data(output_dir / "data"))
-    return str(make_demo_data(output_dir / "data"))
+                ) -> tuple[str, str|None]: # the training data, and the class images beside it (the toy model's)
+    "The toy model's new-colour pictures with base pictures as `--reg_data_dir`, or the demo photos for any other model."
+    if pretrained_model_name_or_path == TOY:
+        return str(concept_data(output_dir / "data")), str(base_data(output_dir / "base"))
+    return str(make_demo_data(output_dir / "data")), None
 
 def demo_config(output_dir: Path, # where the run writes
                 pretrained_model_name_or_path: str, # the base model
@@ -52,12 +53,13 @@ def demo_config(output_dir: Path, # where the run writes
                 train_batch_size: int|None, # batch size; `None`: the model's default
                 learning_rate: float|None, # `None`: the model's default
                 seed: int, # seeds training and sampling
+                reg_data_dir: str|None=None, # class images for prior preservation (the toy model's base pictures)
                ) -> TrainConfig:
     "The run's settings: `teach_config` for the toy model, the photo demo's for any other."
     given = {k: v for k, v in dict(resolution=resolution, max_train_steps=max_train_steps, learning_rate=learning_rate,
                                    train_batch_size=train_batch_size).items() if v is not None}
     if pretrained_model_name_or_path == TOY:
-        return teach_config(train_data_dir, output_dir, dataset_name=dataset_name, seed=seed, **given)
+        return teach_config(train_data_dir, output_dir, reg_data_dir, dataset_name=dataset_name, seed=seed, **given)
     steps = given.get("max_train_steps", 300)
     return TrainConfig(pretrained_model_name_or_path=pretrained_model_name_or_path, train_data_dir=train_data_dir,
                        dataset_name=dataset_name, output_dir=str(output_dir),
@@ -72,7 +74,7 @@ def demo(output_dir: str|Path, # where the LoRA, samples.png, loss.png (and for 
          dataset_name: str|None=None, # or a Hub data set
          resolution: int|None=None, # training and sampling size (default: 32 for the toy model, 64 tiny, else 512)
          max_train_steps: int|None=None, # optimizer steps (default: 400 for the toy model, else 300)
-         train_batch_size: int|None=None, # batch size (default: 16 for the toy model, else 4)
+         train_batch_size: int|None=None, # batch size (default: 8 for the toy model, with 8 base pictures beside them; else 4)
          learning_rate: float|None=None, # default: 2e-3 for the toy model, else 1e-3; use about 1e-4 for real checkpoints
          seed: int=0, # seeds training and sampling
          prompts: list[str]|None=None, # prompts to compare (default: purple and base shapes, or three demo captions)
@@ -80,9 +82,11 @@ def demo(output_dir: str|Path, # where the LoRA, samples.png, loss.png (and for 
         ):
     "Train a LoRA, then save it with before/after samples (`samples.png`), the loss curve (`loss.png`) and, for the toy model, the evaluator's figures (`scores.json`, `scores.md`)."
     out, toy = Path(output_dir), pretrained_model_name_or_path == TOY
-    if train_data_dir is None and dataset_name is None: train_data_dir = default_data(out, pretrained_model_name_or_path)
+    reg_data_dir = None
+    if train_data_dir is None and dataset_name is None:
+        train_data_dir, reg_data_dir = default_data(out, pretrained_model_name_or_path)
     cfg = demo_config(out, pretrained_model_name_or_path, train_data_dir, dataset_name, resolution, max_train_steps,
-                      train_batch_size, learning_rate, seed)
+                      train_batch_size, learning_rate, seed, reg_data_dir)
     res = train(cfg)
     default_prompts = prompts_for(list(NEW_COLOURS)) + prompts_for(list(BASE_COLOURS))[::3] if toy else \
                       [DEMO_IMAGES[k] for k in ("chelsea", "rocket", "coffee")]
@@ -115,7 +119,7 @@ def demo_cli(argv: list[str]|None=None, # the flags (default: `sys.argv[1:]`)
     p.add_argument("--dataset_name", help="a Hub data set instead")
     p.add_argument("--resolution", type=int, help="default: 32 for the toy model, 64 for the tiny one, else 512")
     p.add_argument("--max_train_steps", type=int, help="default: 400 for the toy model, else 300")
-    p.add_argument("--train_batch_size", type=int, help="default: 16 for the toy model, else 4")
+    p.add_argument("--train_batch_size", type=int, help="default: 8 for the toy model (with 8 base pictures beside them), else 4")
     p.add_argument("--learning_rate", type=float, help="default: 2e-3 for the toy model, else 1e-3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", action="append", dest="prompts", help="a prompt to compare; repeat for several")

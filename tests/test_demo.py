@@ -26,6 +26,8 @@ def test_writes_the_files(demo_dir):
         assert (demo_dir / name).stat().st_size > 0, name
     assert Image.open(demo_dir / "samples.png").size[0] > 200
     assert "purple" in (demo_dir / "data" / "metadata.jsonl").read_text()
+    cfg = json.loads((demo_dir / "train_config.json").read_text())  # the base pictures go to the trainer's prior preservation
+    assert cfg["reg_data_dir"] == str(demo_dir / "base") and "purple" not in (demo_dir / "base" / "metadata.jsonl").read_text()
 
 
 def test_scores_show_purple_learned(demo_dir):

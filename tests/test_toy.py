@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sd_lora.models import TOY, resolve_model, load_pipeline
 from sd_lora.toy.world import BASE_COLOURS, NEW_COLOURS, COLOURS, world, read_colour, read_shape, prompts_for, sample, score
-from sd_lora.toy.lora import concept_data, teach_config, lora_scores, toy_pipeline
+from sd_lora.toy.lora import concept_data, base_data, teach_config, lora_scores, toy_pipeline
 from sd_lora.toy.texture import read_texture, read_stripe_colour, texture_data, texture_scores, texture_table
 from sd_lora.train import train
 
@@ -62,8 +62,8 @@ def test_default_scheduler_samples_cleanly(toy):
 
 
 def test_short_lora_learns_purple_and_keeps_the_base_colours(tmp_path):
-    data = concept_data(tmp_path / "data")
-    res = train(teach_config(data, tmp_path / "lora", max_train_steps=200))
+    data, reg = concept_data(tmp_path / "data"), base_data(tmp_path / "base")
+    res = train(teach_config(data, tmp_path / "lora", reg, max_train_steps=200))
     before, after = lora_scores(None, n=4, seed=3), lora_scores(res.lora_path, n=4, seed=3)
     # 12 purple pictures each: a rise of at least 0.5 is far beyond what sampling noise does to a fixed-seed score
     assert after["new"]["purple"] - before["new"]["purple"] >= 0.5, (before, after)

@@ -14,24 +14,32 @@ from ..mixing import comparison_grid
 from .world import BASE_COLOURS, NEW_COLOURS, SHAPES, SIZE, world, write_world, prompts_for, sample, score
 
 # %% auto #0
-__all__ = ['concept_data', 'teach_config', 'toy_pipeline', 'lora_scores', 'figures_table', 'before_after']
+__all__ = ['concept_data', 'base_data', 'teach_config', 'toy_pipeline', 'lora_scores', 'figures_table', 'before_after']
 
 # %% ../../nbs/08b_toy_lora.ipynb #371bf7cd
 def concept_data(path: str|Path, # the imagefolder to write
                  new: list[str]=list(NEW_COLOURS), # the colours to teach
                  n_new: int=64, # pictures of each new (colour, shape)
-                 base_per_new: float=1.0, # base pictures per new picture (0: the new concept only)
+                 base_per_new: float=0.0, # base pictures mixed into the same folder per new picture (0: the new concept only)
                  seed: int=0, # seeds the pictures
                 ) -> Path:
-    "An imagefolder of the new colours' pictures, mixed with base pictures for prior preservation."
+    "An imagefolder of the new colours' pictures (with base pictures mixed in, if asked)."
     items = world(new, n_new, seed=seed + 1000)
     n_base = round(base_per_new * len(items) / (len(BASE_COLOURS) * len(SHAPES)))
     if n_base: items += world(list(BASE_COLOURS), n_base, seed=seed + 2000)
     return write_world(path, items)
 
+def base_data(path: str|Path, # the imagefolder to write
+              n: int=16, # pictures of each base (colour, shape)
+              seed: int=0, # seeds the pictures
+             ) -> Path:
+    "An imagefolder of the base concepts, captioned: the `--reg_data_dir` of prior preservation."
+    return write_world(path, world(list(BASE_COLOURS), n, seed=seed + 2000))
+
 # %% ../../nbs/08b_toy_lora.ipynb #da7ca129
 def teach_config(train_data_dir: str|Path, # from `concept_data`
                  output_dir: str|Path, # where the LoRA goes
+                 reg_data_dir: str|Path|None=None, # from `base_data`: prior preservation, each batch half new and half base
                  **overrides, # any other `TrainConfig` field
                 ) -> TrainConfig:
     "The `TrainConfig` that teaches the toy model a new concept in about a minute on two CPU cores."
@@ -39,6 +47,7 @@ def teach_config(train_data_dir: str|Path, # from `concept_data`
               resolution=SIZE, center_crop=True, train_batch_size=16, max_train_steps=400, learning_rate=2e-3,
               lr_warmup_steps=0, rank=8, seed=0, report_to="none", eval_samples=0, checkpointing_steps=10_000,
               mixed_precision="no")
+    if reg_data_dir is not None: kw |= dict(reg_data_dir=str(reg_data_dir), train_batch_size=8)  # 8 + 8 base pictures
     return TrainConfig(**{**kw, **overrides})
 
 # %% ../../nbs/08b_toy_lora.ipynb #8aa642c1
