@@ -10,7 +10,7 @@ from collections import Counter
 import torch
 from PIL import Image
 from .core import to_tensor
-from .data import INTERPOLATIONS, ImageCaptionDataset, image_header, open_image, to_rgb, tokenize
+from .data import INTERPOLATIONS, ImageCaptionDataset, image_header, open_image, to_rgb, tokenize, replay, mask_tensor
 
 # %% auto #0
 __all__ = ['make_buckets', 'nearest_bucket', 'image_size', 'fit_to_bucket', 'BucketBatchSampler', 'BucketDataset']
@@ -113,11 +113,21 @@ class BucketDataset(ImageCaptionDataset):
         row, rng = self.ds[i], self.rng(i)
         bucket = self.buckets[self.bucket_of[i]]
         img, size = self.image(i)
-        img, (top, left) = fit_to_bucket(img, bucket, self.kw["center_crop"], rng, self.kw["interpolation"])
-        if self.kw["random_flip"] and rng.random() < 0.5: img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        mask, draws = self.mask(row, img), rng.getstate()
+        img, (top, left) = self.fit(img, bucket, rng)
         caption = self.caption(row[self.caption_column], rng)
-        return {"pixel_values": to_tensor(img), "crop_top_left": (top, left), "original_size": size, "caption": caption,
+        item = {"pixel_values": to_tensor(img), "crop_top_left": (top, left), "original_size": size, "caption": caption,
                 "input_ids": tokenize(self.tokenizer, [caption])[0], "index": i}
+        if mask is not None: item["mask"] = mask_tensor(to_tensor(self.fit(mask, bucket, replay(draws))[0]))
+        return item
+
+    def fit(self, img: Image.Image, # the image (or its mask)
+            bucket: tuple[int, int], # its bucket
+            rng: random.Random, # the item's generator
+           ) -> tuple[Image.Image, tuple[int, int]]:
+        "The image fitted to its bucket and flipped as the item's generator says, and the crop's (top, left)."
+        img, box = fit_to_bucket(img, bucket, self.kw["center_crop"], rng, self.kw["interpolation"])
+        return (img.transpose(Image.FLIP_LEFT_RIGHT) if self.kw["random_flip"] and rng.random() < 0.5 else img), box
 
     def batch_sampler(self, batch_size: int, # items per batch
                       shuffle: bool=True, # shuffle per epoch

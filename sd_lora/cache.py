@@ -13,13 +13,14 @@ from safetensors.torch import save_file
 from PIL import Image
 from .core import to_tensor
 from .models import device_dtype
-from .data import ImageCaptionDataset, resize_shorter, crop_box, to_rgb, tokenize, image_header
+from .data import ImageCaptionDataset, resize_shorter, crop_box, to_rgb, tokenize, image_header, mask_tensor
+from .diffusion import latent_mask
 from .buckets import BucketDataset, fit_to_bucket
 
 # %% auto #0
-__all__ = ['fixed_crop', 'fixed_bucket_crop', 'training_crop', 'cache_key', 'data_fingerprint', 'LatentCache', 'caption_variants',
-           'caption_cells', 'build_cache', 'cached_draws', 'CachedDataset', 'collate_cached', 'crops_fixed',
-           'LazyCache', 'collate_lazy']
+__all__ = ['fixed_crop', 'fixed_bucket_crop', 'training_crop', 'cached_mask', 'cache_key', 'data_fingerprint', 'LatentCache',
+           'caption_variants', 'caption_cells', 'build_cache', 'cached_draws', 'CachedDataset', 'collate_cached',
+           'crops_fixed', 'LazyCache', 'collate_lazy']
 
 # %% ../nbs/04d_cache.ipynb #fc77f41c
 def fixed_crop(img, # a PIL image
@@ -56,6 +57,19 @@ def training_crop(ds: ImageCaptionDataset, # a square or `BucketDataset` trainin
         return fixed_bucket_crop(img, ds.buckets[ds.bucket_of[i]], kw["center_crop"], kw["interpolation"], size)
     return fixed_crop(img, kw["resolution"], kw["center_crop"], kw["interpolation"], original_size=size)
 
+def cached_mask(ds: ImageCaptionDataset, # a training set with a `mask_fn`, whose crops are fixed
+                i: int, # the item
+                size: tuple[int, int], # its latents' (h, w)
+                flips: bool, # also keep the mirrored mask
+               ) -> torch.Tensor: # `(1, 1, h, w)`, or `(2, 1, h, w)` with its mirror
+    "Item `i`'s loss mask at its fixed training crop, as weights per latent pixel."
+    img, _ = ds.image(i)
+    mask, kw = ds.mask(ds.ds[i], img), ds.kw
+    crop = (fixed_bucket_crop(mask, ds.buckets[ds.bucket_of[i]], kw["center_crop"], kw["interpolation"])
+            if isinstance(ds, BucketDataset) else fixed_crop(mask, kw["resolution"], kw["center_crop"], kw["interpolation"]))
+    m = latent_mask(mask_tensor(to_tensor(crop))[None], size)[0]
+    return (torch.stack([m, m.flip(-1)]) if flips else m[None]).contiguous()
+
 # %% ../nbs/04d_cache.ipynb #901446fb
 def cache_key(model: str, # the model's name or folder
               resolution: int, # side of the square training images, in pixels
@@ -88,9 +102,10 @@ class LatentCache:
                  captions: list, # each item's caption cell (a string or a list of strings)
                  flips: bool, # whether each image is cached in both orientations
                  boxes: list|None=None, # per item: (height, width, top, left), SDXL's micro-conditions
+                 masks: bool=False, # whether the shards hold each item's loss mask (`mask.j`) at the latents' size
                 ):
         self.shards, self.shard_size, self.text, self.captions = shards, shard_size, text, captions
-        self.text_embeds, self.flips, self.boxes, self._open = text_embeds, flips, boxes, {}
+        self.text_embeds, self.flips, self.boxes, self.masks, self._open = text_embeds, flips, boxes, masks, {}
 
     def _get(self, src, name, idx):
         if isinstance(src, dict): return src[name][idx]
@@ -103,6 +118,13 @@ class LatentCache:
         src = self.shards[shard]  # each item is its own tensor: in buckets, items differ in size
         return tuple(src[f"{k}.{j}"][int(flip)] if isinstance(src, dict) else
                      self._open_file(src).get_slice(f"{k}.{j}")[int(flip)] for k in ("mean", "std"))
+
+    def mask(self, i: int, flip: bool) -> torch.Tensor|None:
+        "Item `i`'s loss mask at the latents' size, mirrored or not (`None` if the cache holds no masks)."
+        if not self.masks: return None
+        shard, j = divmod(i, self.shard_size)
+        src = self.shards[shard]
+        return src[f"mask.{j}"][int(flip)] if isinstance(src, dict) else self._open_file(src).get_slice(f"mask.{j}")[int(flip)]
 
     def text_embedding(self, caption: str) -> dict[str, torch.Tensor]:
         "The text encoder's output for `caption`: `text_embeds`, and `pooled_text_embeds` for SDXL."
@@ -176,6 +198,7 @@ def build_cache(ds: ImageCaptionDataset, # the training set whose items to encod
             for j, (i, (_, box)) in enumerate(zip(idx, crops)):  # each item its own tensor: safetensors saves no views
                 shard[f"mean.{i - start}"], shard[f"std.{i - start}"] = mean[j].contiguous().clone(), std[j].contiguous().clone()
                 boxes[i] = box
+                if ds.mask_fn is not None: shard[f"mask.{i - start}"] = cached_mask(ds, i, mean.shape[-2:], flip)
         if folder is not None:
             path = str(Path(folder) / f"latents-{len(shards):05d}.safetensors")
             save_file(shard, path); shard = path
@@ -187,10 +210,11 @@ def build_cache(ds: ImageCaptionDataset, # the training set whose items to encod
     embeds = {"embeds": torch.cat([e.cpu() for e, _ in parts]).contiguous()} if parts else {}
     if parts and parts[0][1] is not None: embeds["pooled"] = torch.cat([p.cpu() for _, p in parts]).contiguous()
     text = {c: k for k, c in enumerate(unique)} if encode else None
-    if folder is None: return LatentCache(shards, shard_size, text, embeds, captions, flip, boxes)
+    masks = ds.mask_fn is not None
+    if folder is None: return LatentCache(shards, shard_size, text, embeds, captions, flip, boxes, masks)
     if encode: save_file(embeds, str(Path(folder) / "text.safetensors"))
     (Path(folder) / "done.json").write_text(json.dumps({"shard_size": shard_size, "captions": unique,
-                                                        "text": bool(encode), "boxes": boxes}))
+                                                        "text": bool(encode), "boxes": boxes, "masks": masks}))
     return _load_disk_cache(Path(folder), captions, flip)
 
 def _load_disk_cache(folder: Path, captions: list, flips: bool) -> LatentCache:
@@ -198,7 +222,7 @@ def _load_disk_cache(folder: Path, captions: list, flips: bool) -> LatentCache:
     shards = [str(p) for p in sorted(folder.glob("latents-*.safetensors"))]
     text = {c: k for k, c in enumerate(meta["captions"])} if meta.get("text", True) else None
     return LatentCache(shards, meta["shard_size"], text, str(folder / "text.safetensors"), captions, flips,
-                       [tuple(b) for b in meta.get("boxes", [])] or None)
+                       [tuple(b) for b in meta.get("boxes", [])] or None, meta.get("masks", False))
 
 # %% ../nbs/04d_cache.ipynb #f30bbaea
 def cached_draws(base: ImageCaptionDataset, # the set a cache was built from
@@ -224,6 +248,7 @@ class CachedDataset(torch.utils.data.Dataset):
         caption = self.base.caption(self.cache.captions[i], rng)
         mean, std = self.cache.latent(i, flip)
         item = {"latent_mean": mean, "latent_std": std, "caption": caption, "index": i}
+        if self.cache.masks: item["mask"] = self.cache.mask(i, flip)
         if self.cache.text is not None: item |= self.cache.text_embedding(caption)
         if self.cache.boxes is not None:
             h, w, top, left = self.cache.boxes[i]
@@ -233,7 +258,7 @@ class CachedDataset(torch.utils.data.Dataset):
 def collate_cached(items: list[dict], # `CachedDataset` items
                   ) -> dict:
     "Stack cached items into a batch."
-    tensors = [k for k in ("latent_mean", "latent_std", "text_embeds", "pooled_text_embeds") if k in items[0]]
+    tensors = [k for k in ("latent_mean", "latent_std", "text_embeds", "pooled_text_embeds", "mask") if k in items[0]]
     batch = {k: torch.stack([it[k] for it in items]) for k in tensors} | {
         "captions": [it["caption"] for it in items], "indices": torch.tensor([it["index"] for it in items])}
     if "original_size" in items[0]:
@@ -282,12 +307,18 @@ class LazyCache(torch.utils.data.Dataset):
         device, dtype = device_dtype(vae)
         if any(pending):  # one image a VAE call: its numbers never depend on the rest of the batch
             dists = [vae.encode(x[None]).latent_dist for x in batch.pop("pixel_values").to(device, dtype)]
-            new = iter(zip(torch.cat([d.mean for d in dists]).cpu(), torch.cat([d.std for d in dists]).cpu()))
+            means, stds = torch.cat([d.mean for d in dists]).cpu(), torch.cat([d.std for d in dists]).cpu()
+            masks = latent_mask(batch.pop("mask"), means.shape[-2:]).cpu() if "mask" in batch else [None] * len(means)
+            new = iter(zip(means, stds, masks))
         for k, (p, key) in enumerate(zip(pending, batch["keys"])):
-            if p: self.latents[key] = (*(t.clone() for t in next(new)), batch["original_sizes"][k], batch["crop_top_lefts"][k])
-            else: batch["original_sizes"][k], batch["crop_top_lefts"][k] = self.latents[key][2:]
+            if p:
+                mean, std, mask = next(new)
+                self.latents[key] = (mean.clone(), std.clone(), batch["original_sizes"][k], batch["crop_top_lefts"][k],
+                                     None if mask is None else mask.clone())
+            else: batch["original_sizes"][k], batch["crop_top_lefts"][k] = self.latents[key][2:4]
         kept = [self.latents[key] for key in batch["keys"]]
         batch["latent_mean"], batch["latent_std"] = (torch.stack([t[j] for t in kept]).to(device) for j in (0, 1))
+        if kept[0][4] is not None: batch["mask"] = torch.stack([t[4] for t in kept]).to(device)
         if self.texts is not None:
             for c in sorted({c for c in batch["captions"] if c not in self.texts}):
                 embeds, pooled = encode_captions([c])
@@ -305,5 +336,6 @@ def collate_lazy(items: list[dict], # `LazyCache` items: some kept, some from th
              "indices": torch.tensor([it["index"] for it in items]),
              "original_sizes": [it.get("original_size") for it in items], "crop_top_lefts": [it.get("crop_top_left") for it in items]}
     if any(pending): batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items if "pixel_values" in it])
+    if any("mask" in it for it in items): batch["mask"] = torch.stack([it["mask"] for it in items if "mask" in it])
     return batch
 

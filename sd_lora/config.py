@@ -124,6 +124,7 @@ class TrainConfig:
     prior_loss_weight: float = 1.0 # (DreamBooth scripts) the weight of the class images' loss beside the data's
     sample_batch_size: int = 4 # (DreamBooth scripts) class images drawn per pipeline call
     prior_generation_precision: str|None = None # (DreamBooth scripts) the drawing pipeline's dtype: no (fp32), fp32, fp16 or bf16; default: fp16 on a GPU, else fp32
+    masked_loss: bool = False # (kohya) weigh each latent pixel's loss by its image's mask: the alpha channel, or the image a mask_file_name field of metadata.jsonl names (white trains, black is ignored)
     reg_data_dir: str|None = None # (kohya) regularisation images as an imagefolder with captions (class_prompt for those without): prior preservation from images of your own
     optimizer: str = "adamw" # (DreamBooth scripts) adamw (the reference's), adamw8bit, prodigy, adafactor, adamw_schedulefree or lion; the others than adamw and adafactor come with extras, e.g. pip install "sd_lora[prodigy]"
     prodigy_beta3: float|None = None # (DreamBooth scripts) Prodigy's coefficient for its step-size estimate; default: the square root of adam_beta2

@@ -16,9 +16,9 @@ from .core import to_tensor
 
 # %% auto #0
 __all__ = ['DEMO_IMAGES', 'IMAGE_SUFFIXES', 'INTERPOLATIONS', 'make_demo_data', 'load_image_dataset', 'check_columns',
-           'image_header', 'open_image', 'image_problem', 'undecoded', 'drop_unreadable', 'resize_shorter', 'crop_box',
-           'to_rgb', 'preprocess_image', 'pick_caption', 'tokenize', 'drop_bad_captions', 'warn_long_captions',
-           'ImageCaptionDataset', 'collate']
+           'image_header', 'upright_size', 'open_image', 'image_problem', 'undecoded', 'drop_unreadable',
+           'resize_shorter', 'crop_box', 'to_rgb', 'preprocess_image', 'pick_caption', 'tokenize', 'drop_bad_captions',
+           'warn_long_captions', 'ImageCaptionDataset', 'replay', 'mask_tensor', 'collate']
 
 # %% ../nbs/01_data.ipynb #cd132858
 DEMO_IMAGES = {  # scikit-image sample -> caption
@@ -99,9 +99,14 @@ def image_header(cell, # a data set cell: a PIL image, or a dict with "path" or 
         with warnings.catch_warnings():  # sizes past PIL's hard limit still raise; `drop_unreadable` names them
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(cell["path"] if cell.get("bytes") is None else io.BytesIO(cell["bytes"]))
-    w, h = img.size
-    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8): w, h = h, w  # EXIF says: rotate a quarter turn
+    w, h = upright_size(img)
     return img, (h, w)
+
+def upright_size(img: Image.Image, # an image, decoded or not
+                ) -> tuple[int, int]: # (width, height)
+    "The image's size once EXIF's orientation is applied."
+    w, h = img.size
+    return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)  # EXIF says: rotate a quarter turn
 
 def open_image(cell, # a data set cell, as `image_header` takes it
                min_side: int|None=None, # a big JPEG may decode smaller, keeping its shorter side at least this long
@@ -267,10 +272,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                  seed: int=0, # seeds all random choices, with the epoch and index
                  skipped: int=0, # rows of the source left out before (bad images or captions), for the run's summary
                  caption_fn=None, # (caption, rng) -> the caption to train on (e.g. the captions lesson's `CaptionRecipe`); `None`: as written
+                 mask_fn=None, # (row, image) -> the loss mask as an upright "L" image of the image's size, or `None` (the masks lesson's `MaskReader`)
                 ):
         if resolution % 8: raise ValueError(f"resolution {resolution} is not a multiple of 8: the VAE needs one")
         self.ds, self.tokenizer, self.seed, self.epoch = undecoded(ds, image_column), tokenizer, seed, 0
         self.image_column, self.caption_column, self.skipped, self.caption_fn = image_column, caption_column, skipped, caption_fn
+        self.mask_fn = mask_fn
         self.kw = dict(resolution=resolution, center_crop=center_crop, random_flip=random_flip,
                        interpolation=interpolation)
 
@@ -288,19 +295,41 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         caption = pick_caption(cell, rng)
         return caption if self.caption_fn is None else self.caption_fn(caption, rng)
 
+    def mask(self, row, # the item's row
+             img: Image.Image, # its image, as decoded
+            ) -> Image.Image|None:
+        "The item's loss mask (upright) at the decoded image's upright size, or `None`."
+        mask, size = None if self.mask_fn is None else self.mask_fn(row, img), upright_size(img)
+        return mask if mask is None or mask.size == size else mask.resize(size, Image.BILINEAR)  # a reduced JPEG decode
+
     def __getitem__(self, i):
         row, rng = self.ds[i], self.rng(i)
         img, size = open_image(row[self.image_column], self.kw["resolution"])
+        mask, draws = self.mask(row, img), rng.getstate()
         item = preprocess_image(img, rng=rng, original_size=size, **self.kw)
+        if mask is not None: item["mask"] = mask_tensor(preprocess_image(mask, rng=replay(draws), **self.kw)["pixel_values"])
         item["caption"] = self.caption(row[self.caption_column], rng)
         item["input_ids"] = tokenize(self.tokenizer, [item["caption"]])[0]
         item["index"] = i
         return item
 
+def replay(state: tuple, # a `random.Random`'s `getstate()`
+          ) -> random.Random:
+    "A generator that draws again what one in `state` drew next: the mask follows its image's crop and flip."
+    rng = random.Random()
+    rng.setstate(state)
+    return rng
+
+def mask_tensor(pixels: torch.Tensor, # a mask through `preprocess_image`: `(3, H, W)` in [-1, 1]
+               ) -> torch.Tensor: # `(1, H, W)` in [0, 1]
+    "The mask's weights per pixel: white 1, black 0."
+    return (pixels[:1] + 1) / 2
+
 def collate(items: list[dict], # from `ImageCaptionDataset`
            ) -> dict:
-    "Stack a list of items into a batch."
-    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+    "Stack a list of items into a batch (with their masks, if they have them)."
+    masks = {"mask": torch.stack([it["mask"] for it in items])} if "mask" in items[0] else {}
+    return masks | {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
             "input_ids": torch.stack([it["input_ids"] for it in items]),
             "captions": [it["caption"] for it in items],
             "indices": torch.tensor([it["index"] for it in items]),

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['HUBER_SCHEDULES', 'TIMESTEP_SAMPLINGS', 'noisify', 'velocity', 'target_for', 'snr', 'min_snr_weights',
-           'elementwise_loss', 'diffusion_loss', 'sample_noise', 'perturbed_noise', 'huber_c_for', 'debiased_weights',
-           'sample_timesteps']
+           'elementwise_loss', 'diffusion_loss', 'sample_noise', 'latent_mask', 'perturbed_noise', 'huber_c_for',
+           'debiased_weights', 'sample_timesteps']
 
 # %% ../nbs/04_diffusion.ipynb #a2ba3952
 def _at(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -88,9 +88,12 @@ def diffusion_loss(pred: torch.Tensor, # the UNet's output
                    weights: torch.Tensor|None=None, # per-sample weights `(B,)`, e.g. from `min_snr_weights`
                    loss_type: str="l2", # see `elementwise_loss`
                    huber_c: torch.Tensor|None=None, # `(B,)` thresholds for huber and smooth_l1
+                   mask: torch.Tensor|None=None, # `(B, 1, h, w)` weights per latent pixel (`--masked_loss`), e.g. from `latent_mask`
                   ) -> torch.Tensor:
-    "Per-sample mean of the elementwise loss (MSE by default) in fp32, weighted, averaged over the batch."
-    per_sample = elementwise_loss(pred.float(), target.float(), loss_type, huber_c).mean(dim=tuple(range(1, pred.ndim)))
+    "Per-sample mean of the elementwise loss (MSE by default) in fp32, masked, weighted, averaged over the batch."
+    loss = elementwise_loss(pred.float(), target.float(), loss_type, huber_c)
+    if mask is not None: loss = loss * mask.float()  # still averaged over the whole latent, as kohya's scripts do
+    per_sample = loss.mean(dim=tuple(range(1, pred.ndim)))
     return per_sample.mean() if weights is None else (per_sample * weights).mean()
 
 def sample_noise(latents: torch.Tensor, # the latents to be noised, for shape, dtype and device
@@ -105,6 +108,12 @@ def sample_noise(latents: torch.Tensor, # the latents to be noised, for shape, d
         noise = noise + noise_offset * offset
     return noise
 
+
+def latent_mask(mask: torch.Tensor, # `(B, 1, H, W)` pixel weights in [0, 1], or already at the latents' size
+                size: tuple[int, int], # the latents' (h, w)
+               ) -> torch.Tensor: # `(B, 1, h, w)`
+    "A pixel mask as weights per latent pixel: the mean over the pixels each latent pixel covers."
+    return mask if tuple(mask.shape[-2:]) == tuple(size) else F.interpolate(mask.float(), size=size, mode="area")
 
 # %% ../nbs/04_diffusion.ipynb #d916a102
 def perturbed_noise(noise: torch.Tensor, # the noise the target is computed from

@@ -31,6 +31,7 @@ from .guards import preflight
 from .memory import choose_merge
 from .optimizers import optimizer_for
 from .captions import CaptionRecipe
+from .masks import MaskReader, check_masks
 from .prior import class_images_drawn, prior_dataset, prior_plan, PriorPairs, collate_for, PRIOR_SEED
 from .diffusion import sample_timesteps, huber_c_for, elementwise_loss
 
@@ -162,8 +163,9 @@ def make_datasets(cfg: TrainConfig, # the run's settings
               caption_column=cfg.caption_column, seed=cfg.seed or 0)
     warn_long_captions(list(ds[cfg.caption_column]), tokenizer)
     recipe = CaptionRecipe(cfg.caption_prefix, cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_separator, cfg.caption_dropout_rate)
+    if cfg.masked_loss: check_masks(ds, cfg.image_column)
     crop = dict(center_crop=cfg.center_crop, random_flip=cfg.random_flip, skipped=n_rows - len(ds),
-                caption_fn=recipe if recipe.changes else None, **kw)
+                caption_fn=recipe if recipe.changes else None, mask_fn=MaskReader() if cfg.masked_loss else None, **kw)
     if cfg.aspect_ratio_buckets: train_ds = BucketDataset(ds, tokenizer, cfg.resolution, cfg.bucket_step, **crop)
     else: train_ds = ImageCaptionDataset(ds, tokenizer, cfg.resolution, **crop)
     n_eval = min(eval_count(cfg), len(ds))
@@ -191,7 +193,7 @@ def cached(cfg: TrainConfig, # the run's settings
     if cfg.cache_latents == "memory": return LazyCache(ds, text)
     model = f"{cfg.pretrained_model_name_or_path}|{cfg.pretrained_vae_model_name_or_path}"
     key = cache_key(model, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.image_interpolation_mode,
-                    data_fingerprint(ds.ds) + (f"|{ds.caption_fn!r}" if text and ds.caption_fn else ""), m.vae.dtype, text,
+                    data_fingerprint(ds.ds) + (f"|{ds.caption_fn!r}" if text and ds.caption_fn else "") + (f"|{ds.mask_fn!r}" if ds.mask_fn else ""), m.vae.dtype, text,
                     cfg.bucket_step if buckets else None)
     folder = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache") / key
     with accelerator.main_process_first():  # one process writes a disk cache, the others then read it

@@ -22,7 +22,7 @@ from .config import TrainConfig, parse_args, public_config
 from diffusers.training_utils import compute_dream_and_update_latents
 from .lora import save_lora
 from .outputs import save_outputs, save_pipeline, push_to_hub
-from .diffusion import (noisify, target_for, min_snr_weights, debiased_weights, diffusion_loss, sample_noise,
+from .diffusion import (noisify, target_for, min_snr_weights, debiased_weights, diffusion_loss, sample_noise, latent_mask,
                                perturbed_noise, sample_timesteps, huber_c_for)
 from .ema import ema_step, ema_weights
 from .checkpoints import save_checkpoint, any_process
@@ -97,11 +97,13 @@ def half_loss(pred: torch.Tensor, # the UNet's output for these samples
               m, # `SDComponents`: the noise scheduler
               prediction_type: str, # the UNet's target
               cfg: TrainConfig, # the loss settings
+              mask: torch.Tensor|None=None, # their loss masks (`--masked_loss`), at the pixels' or the latents' size
              ) -> torch.Tensor:
-    "The loss of some samples of the batch, with their weights and Huber thresholds."
+    "The loss of some samples of the batch, with their weights, Huber thresholds and masks."
     ac = m.noise_scheduler.alphas_cumprod
     huber_c = huber_c_for(t, ac, cfg.huber_c, cfg.huber_schedule) if cfg.loss_type in ("huber", "smooth_l1") else None
-    return diffusion_loss(pred, target, loss_weights(t, ac, prediction_type, cfg), cfg.loss_type, huber_c)
+    mask = None if mask is None else latent_mask(mask.to(pred.device), pred.shape[-2:])
+    return diffusion_loss(pred, target, loss_weights(t, ac, prediction_type, cfg), cfg.loss_type, huber_c, mask)
 
 def training_loss(batch: dict, # from `collate`, `collate_cached` or, with class images, `collate_pairs`
                   m, # `SDComponents`: frozen vae and text encoder, the scheduler
@@ -125,8 +127,9 @@ def training_loss(batch: dict, # from `collate`, `collate_cached` or, with class
         noisy, target = compute_dream_and_update_latents(unet, m.noise_scheduler, t, noise, noisy, target, text,
                                                          cfg.dream_detail_preservation)
     pred = unet(noisy, t, text, **cond, return_dict=False)[0]
-    loss = half_loss(pred[:n], target[:n], t[:n], m, prediction_type, cfg)
-    if "prior" in batch: loss = loss + cfg.prior_loss_weight * half_loss(pred[n:], target[n:], t[n:], m, prediction_type, cfg)
+    loss = half_loss(pred[:n], target[:n], t[:n], m, prediction_type, cfg, batch.get("mask"))
+    if "prior" in batch:
+        loss = loss + cfg.prior_loss_weight * half_loss(pred[n:], target[n:], t[n:], m, prediction_type, cfg, batch["prior"].get("mask"))
     return loss
 
 
