@@ -42,8 +42,8 @@ def model_card(cfg: TrainConfig, # the run's settings the card reports: base mod
     load = (f"from sd_lora.models import load_pipeline  # {base} is built or shipped by sd_lora, not on the Hub\n"
             f"pipe = load_pipeline(\"{base}\")  # a {pipeline}" if base.startswith("sd_lora:") else
             f"from diffusers import {pipeline}\npipe = {pipeline}.from_pretrained(\"{base}\")")
-    load += ("\nfrom sd_lora.inference import load_lora\nload_lora(pipe, \"path/to/this/folder\")" if cfg.lora_type != "lora"
-             else "\npipe.load_lora_weights(\"path/to/this/folder\")")
+    load += ("\nload_lora(pipe, \"path/to/this/folder\")  # sd_lora's inference module: diffusers has no LoHa/LoKr loader"
+             if cfg.lora_type != "lora" else "\npipe.load_lora_weights(\"path/to/this/folder\")")
     return (f"---\nbase_model: {cfg.pretrained_model_name_or_path}\nlibrary_name: diffusers\n"
             f"tags: [stable-diffusion, text-to-image, diffusers, lora, sd_lora]\n---\n\n"
             f"# LoRA text-to-image weights\n\nTrained with sd_lora on `{data}` from "
