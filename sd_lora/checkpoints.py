@@ -18,6 +18,7 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import save_file, load_file
 from .lora import save_lora
+from .lycoris import LYCORIS_FILE, COMPONENTS, is_lycoris, save_lycoris, set_lycoris_weights
 
 # %% auto #0
 __all__ = ['load_lora_into', 'register_lora_hooks', 'register_generator_hooks', 'checkpoints', 'folder_writer', 'any_process',
@@ -42,13 +43,18 @@ def register_lora_hooks(accelerator: Accelerator, # the run's accelerator, whose
                         unet, # the UNet whose LoRA trains (wrapped or not)
                         text_encoders: list=(), # the text encoders whose LoRA trains, if any
                        ):
-    "Make `save_state`/`load_state` write and read only the LoRA weights."
+    "Make `save_state`/`load_state` write and read only the adapter's weights (LoHa and LoKr: peft's own tensors in a LyCORIS file)."
     def save_hook(models, weights, output_dir):
         if folder_writer(accelerator):
-            save_lora(output_dir, accelerator.unwrap_model(unet), text_encoders=[accelerator.unwrap_model(te) for te in text_encoders])
+            u, tes = accelerator.unwrap_model(unet), [accelerator.unwrap_model(te) for te in text_encoders]
+            if is_lycoris(u): save_lycoris(Path(output_dir) / LYCORIS_FILE, u, tes, fold=False)  # exact on resume
+            else: save_lora(output_dir, u, text_encoders=tes)
         weights.clear()
     def load_hook(models, input_dir):
         models.clear()
+        if (Path(input_dir) / LYCORIS_FILE).exists():
+            trained = dict(zip(COMPONENTS, [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]))
+            return set_lycoris_weights(trained, Path(input_dir) / LYCORIS_FILE)
         load_lora_into(accelerator.unwrap_model(unet), input_dir)
         for te, prefix in zip(text_encoders, ("text_encoder", "text_encoder_2")):
             load_lora_into(accelerator.unwrap_model(te), input_dir, prefix)
@@ -249,5 +255,5 @@ def checkpoint_trainer(ckpt: Path, # a `checkpoint-N` folder
                       ) -> str|None: # "sd_lora.train", "sd_lora.finetune", or None if neither's files are there
     "Which of our trainers wrote `ckpt`, from the files it holds."
     if (Path(ckpt) / "model.safetensors").exists(): return "sd_lora.finetune"
-    if (Path(ckpt) / "pytorch_lora_weights.safetensors").exists(): return "sd_lora.train"
+    if any((Path(ckpt) / f).exists() for f in ("pytorch_lora_weights.safetensors", LYCORIS_FILE)): return "sd_lora.train"
     return None

@@ -8,7 +8,8 @@ import re
 import torch
 from .data import tokenize
 from .models import device_dtype, model_family
-from .lora import lora_config, add_lora, TEXT_ENCODER_ATTENTION
+from .lora import add_lora, TEXT_ENCODER_ATTENTION
+from .lycoris import adapter_config
 
 # %% auto #0
 __all__ = ['text_encoders', 'caption_ids', 'encode_text', 'add_time_ids', 'unet_conditions', 'used_layers',
@@ -78,13 +79,13 @@ def text_encoder_targets(text_encoder, # a CLIP text encoder
 
 def add_text_encoder_lora(m, # `SDComponents`: LoRA goes on each of its text encoders
                           gradient_checkpointing: bool=False, # recompute the encoders' layers in the backward pass
-                          **lora_kw, # for `lora_config`: rank, alpha, init, dropout, use_dora
-                         ) -> list[torch.nn.Parameter]: # the encoders' LoRA parameters
-    "LoRA on the attention of the text encoders' used layers; returns the new parameters."
+                          **lora_kw, # for `adapter_config`: lora_type, rank, alpha, init, dropout, use_dora
+                         ) -> list[torch.nn.Parameter]: # the encoders' adapter parameters
+    "An adapter (LoRA, or LoHa/LoKr with `lora_type`) on the attention of the text encoders' used layers; returns the new parameters."
     family, params = model_family(m.unet), []
     for i, te in enumerate(text_encoders(m)):
         targets = text_encoder_targets(te, used_layers(te, family, i))
-        params += add_lora(te, lora_config(target_modules=targets, **lora_kw))
+        params += add_lora(te, adapter_config(target_modules=targets, **lora_kw))
         if gradient_checkpointing: enable_checkpointing(te)
     return params
 

@@ -81,6 +81,7 @@ class TrainConfig:
     init_lora_weights: str = "gaussian" # (sd_lora) LoRA init: gaussian (the reference's), true (peft's default), orthogonal, false
     lora_dropout: float = 0.0 # (sd_lora) dropout on the LoRA branch while training
     use_dora: bool = False # (sd_lora) DoRA: also learn each adapted weight's per-row magnitude
+    lora_type: str = "lora" # (sd_lora) the adapter: lora, loha (LyCORIS' Hadamard product of two low-rank products) or lokr (a Kronecker product); LoHa and LoKr are saved as a LyCORIS file for AUTOMATIC1111, ComfyUI and sd_lora
     target_modules: str = "attention" # (sd_lora) UNet layers to adapt: attention, attention_ff, attention_ff_conv, or a comma-separated list of layer names
     text_encoder_lr: float|None = None # (sd_lora) learning rate of the text-encoder LoRA; default: learning_rate
     validation_steps: int|None = None # (sd_lora) also validate every this many steps
@@ -135,7 +136,7 @@ class TrainConfig:
 # %% ../nbs/04b_config.ipynb #75f409f5
 CHOICES = {"mixed_precision": ["no", "fp16", "bf16"], "dynamo_backend": ["no", "inductor", "aot_eager", "eager", "cudagraphs"], "dynamo_mode": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
            "dynamo_scope": ["blocks", "unet"], "cache_latents": ["memory", "disk", "off"], "prediction_type": ["epsilon", "v_prediction"],
-           "init_lora_weights": ["gaussian", "true", "false", "orthogonal"],
+           "init_lora_weights": ["gaussian", "true", "false", "orthogonal"], "lora_type": ["lora", "loha", "lokr"],
            "loss_type": ["l2", "l1", "huber", "smooth_l1"], "huber_schedule": ["constant", "exponential", "snr"],
            "timestep_sampling": ["uniform", "logit_normal"], "prior_generation_precision": ["no", "fp32", "fp16", "bf16"],
            "optimizer": ["adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree", "lion"],

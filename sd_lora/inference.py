@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from .models import TINY_SD, load_pipeline
 from .lora import diffusers_lora_key
+from .lycoris import LYCORIS_FILE, COMPONENTS, lycoris_metadata, load_lycoris
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'PICKLE_SUFFIXES', 'set_scheduler', 'inference_pipeline', 'generate', 'find_lora_file',
@@ -74,8 +75,9 @@ def generate(pipe, # a Stable Diffusion pipeline
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def _pick_file(folder: Path) -> Path:
-    "The LoRA weights file inside `folder`: ours by name, or the only candidate."
-    if (folder / "pytorch_lora_weights.safetensors").exists(): return folder / "pytorch_lora_weights.safetensors"
+    "The LoRA weights file inside `folder`: ours by name (diffusers' format, else a LoHa/LoKr's LyCORIS file), or the only candidate."
+    for name in ("pytorch_lora_weights.safetensors", LYCORIS_FILE):
+        if (folder / name).exists(): return folder / name
     found = sorted(folder.glob("*.safetensors")) or sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if not found: raise FileNotFoundError(f"No LoRA weights in folder {str(folder)!r}: expected a .safetensors file")
     if len(found) > 1:
@@ -169,11 +171,16 @@ def load_lora(pipe, # the pipeline to add the adapter to
               adapter_name: str="default", # the adapter's name in the pipeline
               allow_pickle: bool=False, # accept `.bin` files (loading them can run code)
              ):
-    "Load a LoRA file (ours, or any diffusers-readable one) into `pipe` as `adapter_name`, after checking it."
+    "Load a LoRA file (ours, or any diffusers-readable one; or sd_lora's LoHa/LoKr file) into `pipe` as `adapter_name`, after checking it."
     if adapter_name in adapter_names(pipe):
         raise ValueError(f"An adapter named {adapter_name!r} is already loaded: choose another name, or remove it "
                          f"first with pipe.delete_adapters({adapter_name!r})")
     file = find_lora_file(path, allow_pickle)
+    if file.suffix == ".safetensors" and lycoris_metadata(file) is not None:  # sd_lora's LoHa/LoKr: peft's own layers
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            load_lycoris({c: getattr(pipe, c, None) for c in COMPONENTS}, file, adapter_name)
+        return pipe
     check_lora_fits(pipe, file)
     fixed = one_naming_copy(file)
     if fixed is not None:

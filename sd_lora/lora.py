@@ -16,7 +16,7 @@ from .models import model_family
 # %% auto #0
 __all__ = ['UNET_ATTENTION', 'LORA_INITS', 'TARGET_PRESETS', 'TEXT_ENCODER_ATTENTION', 'KOHYA_BASE', 'lora_config', 'add_lora',
            'lora_init', 'unet_targets', 'diffusers_lora_key', 'lora_state_dict', 'unet_lora_state_dict',
-           'adapter_metadata', 'save_lora', 'kohya_state_dict', 'save_kohya']
+           'adapter_metadata', 'save_lora', 'comfy_dora_scale', 'kohya_state_dict', 'save_kohya']
 
 # %% ../nbs/03_lora.ipynb #44a54157
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the reference script's UNet targets
@@ -121,8 +121,20 @@ def save_lora(output_dir: str|Path, # folder to write `pytorch_lora_weights.safe
 # %% ../nbs/03_lora.ipynb #61fe2f4c
 KOHYA_BASE = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # `ss_base_model_version` per family
 
+@torch.no_grad()
+def comfy_dora_scale(layer, # a peft LoRA layer with DoRA
+                     adapter: str="default", # the adapter's name
+                    ) -> torch.Tensor: # [out, 1] (Linear) or [out, 1, 1, 1] (conv)
+    "The kohya `dora_scale` from which ComfyUI rebuilds peft's DoRA weight: m·‖W‖/‖W + ΔW‖ for each output row."
+    w = layer.get_base_layer().weight.float()
+    rows = lambda v: v.reshape(v.shape[0], -1).norm(dim=1)
+    # ComfyUI reads a [out, 1...] dora_scale as per-row magnitudes and divides by the *base* weight's row norm (+ eps)
+    merged_norm = rows(w + layer.get_delta_weight(adapter).float())
+    m = layer.lora_magnitude_vector[adapter].weight.float().reshape(-1)
+    return (m * (rows(w) + torch.finfo(torch.float32).eps) / merged_norm).reshape(w.shape[0], *[1] * (w.dim() - 1))
+
 def _kohya_part(model, prefix: str) -> dict[str, torch.Tensor]:
-    "One model's LoRA in kohya naming (`prefix` + layer name with `_`), with its real alpha."
+    "One model's LoRA in kohya naming (`prefix` + layer name with `_`), with its real alpha, and DoRA's `dora_scale`."
     alpha = float(model.peft_config["default"].lora_alpha)
     sd = get_peft_model_state_dict(model)
     if prefix != "lora_unet_":  # kohya names text-encoder layers from CLIPTextModel's `text_model`
@@ -130,17 +142,19 @@ def _kohya_part(model, prefix: str) -> dict[str, torch.Tensor]:
     kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in sd.items()})
     out = {}
     for k, v in kohya.items():
+        if "lora_magnitude_vector" in k: continue  # peft's [out] magnitudes: written below as ComfyUI reads them
         k = prefix + k.removeprefix("lora_unet_")
         out[k] = torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous()
+    for n, layer in model.named_modules():
+        if "default" in getattr(layer, "lora_magnitude_vector", {}):
+            n = n if prefix == "lora_unet_" or n.startswith("text_model.") else f"text_model.{n}"
+            out[prefix + n.replace(".", "_") + ".dora_scale"] = comfy_dora_scale(layer)
     return out
 
 def kohya_state_dict(unet, # a UNet carrying a LoRA adapter named "default"
                      text_encoders: list|tuple=(), # the text encoders with LoRA (SDXL: both, in order)
                     ) -> dict[str, torch.Tensor]:
-    "The LoRA in kohya/A1111 naming (`lora_unet_`, `lora_te_` or SDXL's `lora_te1_`/`lora_te2_`), with real alphas."
-    if any(m.peft_config["default"].use_dora for m in (unet, *text_encoders) if m is not None):
-        raise ValueError("DoRA adapters have no kohya file here: diffusers drops kohya `dora_scale` weights on "
-                         "load, so the file would not reproduce the model. Use the diffusers-format file.")
+    "The LoRA in kohya/A1111 naming (`lora_unet_`, `lora_te_` or SDXL's `lora_te1_`/`lora_te2_`), with real alphas (and DoRA's `dora_scale`, for ComfyUI)."
     xl = model_family(unet) == "sdxl"
     sd = _kohya_part(unet, "lora_unet_")
     for i, te in enumerate(text_encoders):

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from .config import TrainConfig, public_config
 from .lora import save_lora, save_kohya
+from .lycoris import save_lycoris, LYCORIS_FILE
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from .models import model_family, load_pipeline
 
@@ -17,40 +18,55 @@ __all__ = ['KOHYA_FILE', 'model_card', 'save_outputs', 'save_pipeline', 'hub_fil
 # %% ../nbs/04c_outputs.ipynb #6eda5eb9
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
+def _files_note(cfg: TrainConfig) -> str:
+    "Which program loads which file of the folder."
+    if cfg.lora_type != "lora":
+        return (f"`{LYCORIS_FILE}` is the {dict(loha='LoHa', lokr='LoKr')[cfg.lora_type]} in "
+                "the LyCORIS layout: AUTOMATIC1111 and ComfyUI load it as they load any LyCORIS file, and sd_lora "
+                "loads it with `sd_lora.inference.load_lora` (or `sd_lora_generate --lora`). diffusers has no loader "
+                "for LoHa or LoKr, so there is no diffusers-format file.\n")
+    if cfg.use_dora:
+        return (f"`{KOHYA_FILE}` holds the same DoRA for ComfyUI, whose `dora_scale` rule (one value per output row) "
+                "it follows. AUTOMATIC1111 decomposes DoRA weights per input column instead, and diffusers drops a "
+                "kohya file's `dora_scale`: in those, use the diffusers file above (A1111 cannot load this DoRA as trained).\n")
+    return f"`{KOHYA_FILE}` holds the same LoRA for AUTOMATIC1111, ComfyUI and kohya's sd-scripts.\n"
+
 def model_card(cfg: TrainConfig, # the run's settings the card reports: base model, data, rank, alpha, resolution, learning rate
                pipeline: str="StableDiffusionPipeline", # the diffusers pipeline class of the base model
-               kohya: bool=True, # whether the folder holds a kohya file
               ) -> str:
-    "A short model card (README.md) for the LoRA folder."
+    "A short model card (README.md) for the LoRA folder, saying which program loads which file."
     data = cfg.dataset_name or cfg.train_data_dir
     te = " and text encoder" if cfg.train_text_encoder else ""
-    variant = ", DoRA" if cfg.use_dora else ""
+    variant = ", DoRA" if cfg.use_dora else f", {cfg.lora_type}" if cfg.lora_type != "lora" else ""
     base = cfg.pretrained_model_name_or_path
     load = (f"from sd_lora.models import load_pipeline  # {base} is built or shipped by sd_lora, not on the Hub\n"
             f"pipe = load_pipeline(\"{base}\")  # a {pipeline}" if base.startswith("sd_lora:") else
             f"from diffusers import {pipeline}\npipe = {pipeline}.from_pretrained(\"{base}\")")
-    kohya_note = (f"`{KOHYA_FILE}` holds the same LoRA for AUTOMATIC1111, ComfyUI and kohya's sd-scripts.\n" if kohya else
-                  "No kohya file: DoRA magnitudes do not survive diffusers' kohya loader; use the file above.\n")
+    load += ("\nload_lora(pipe, \"path/to/this/folder\")  # sd_lora's inference module: diffusers has no LoHa/LoKr loader"
+             if cfg.lora_type != "lora" else "\npipe.load_lora_weights(\"path/to/this/folder\")")
     return (f"---\nbase_model: {cfg.pretrained_model_name_or_path}\nlibrary_name: diffusers\n"
             f"tags: [stable-diffusion, text-to-image, diffusers, lora, sd_lora]\n---\n\n"
             f"# LoRA text-to-image weights\n\nTrained with sd_lora on `{data}` from "
             f"`{cfg.pretrained_model_name_or_path}` (UNet{te}{variant}): rank {cfg.rank}, alpha {cfg.lora_alpha or cfg.rank}, "
             f"resolution {cfg.resolution}, learning rate {cfg.learning_rate}.\n\n"
-            f"```python\n{load}\npipe.load_lora_weights(\"path/to/this/folder\")\n```\n\n" + kohya_note)
+            f"```python\n{load}\n```\n\n" + _files_note(cfg))
 
 def save_outputs(cfg: TrainConfig, # the run's settings; files go to `cfg.output_dir`
-                 unet, # the trained UNet, unwrapped, with its LoRA adapter
+                 unet, # the trained UNet, unwrapped, with its adapter
                  text_encoders: list=(), # the trained text encoders, unwrapped, if `--train_text_encoder`
                  **facts, # what the run knows beyond its settings (process count, precision, steps)
-                ) -> Path: # the diffusers-format LoRA file
-    "Write the LoRA in two formats (one for DoRA), the model card and the run's settings."
+                ) -> Path: # the main weights file: diffusers' format for LoRA and DoRA, LyCORIS' for LoHa and LoKr
+    "Write the adapter (LoRA, DoRA: diffusers' and kohya's formats; LoHa, LoKr: the LyCORIS file), the model card and the run's settings."
     out = Path(cfg.output_dir)
-    path = save_lora(out, unet, text_encoders=text_encoders)
-    if not cfg.use_dora: save_kohya(out / KOHYA_FILE, unet, text_encoders=text_encoders)
+    if cfg.lora_type != "lora": path = save_lycoris(out / LYCORIS_FILE, unet, text_encoders)
+    else:
+        path = save_lora(out, unet, text_encoders=text_encoders)
+        save_kohya(out / KOHYA_FILE, unet, text_encoders=text_encoders)
     pipeline = "StableDiffusionXLPipeline" if model_family(unet) == "sdxl" else "StableDiffusionPipeline"
-    (out / "README.md").write_text(model_card(cfg, pipeline, kohya=not cfg.use_dora))
+    (out / "README.md").write_text(model_card(cfg, pipeline))
     (out / "train_config.json").write_text(json.dumps({**public_config(cfg), **facts}, indent=2))
     return path
+
 
 # %% ../nbs/04c_outputs.ipynb #7996229d
 def save_pipeline(cfg: TrainConfig, # the run's settings; the folder is `cfg.output_dir`

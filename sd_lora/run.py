@@ -18,7 +18,8 @@ from .data import (load_image_dataset, check_columns, drop_unreadable, drop_bad_
                           ImageCaptionDataset)
 from diffusers import UNet2DConditionModel
 from .models import load_components, model_family, resolve_model, vae_scale_factor
-from .lora import lora_config, add_lora, unet_targets
+from .lora import add_lora, unet_targets
+from .lycoris import adapter_config, check_lora_type
 from .conditioning import text_encoders, add_text_encoder_lora, caption_encoder, vae_dtype
 from .config import TrainConfig
 from .checkpoints import (register_generator_hooks, register_lora_hooks, agreed_checkpoint, load_checkpoint,
@@ -96,6 +97,10 @@ def setup_models(cfg: TrainConfig, # the run's settings
     for flag in ("debug_loss", "enable_npu_flash_attention"):
         if getattr(cfg, flag): raise ValueError(f"--{flag} is not supported by sd_lora: leave it out (per-image "
                                                 "losses: see eval_loss and --eval_samples)")
+    if cfg.finetune and cfg.lora_type != "lora":
+        raise ValueError(f"--lora_type {cfg.lora_type} picks the adapter a LoRA run trains; sd_lora.finetune trains the "
+                         "whole UNet: leave it out")
+    check_lora_type(cfg.lora_type, cfg.init_lora_weights, cfg.lora_dropout, cfg.use_dora)  # before any model loads
     m = load_components(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.cache_dir,
                         cfg.pretrained_vae_model_name_or_path)
     family = model_family(m.unet)
@@ -106,8 +111,9 @@ def setup_models(cfg: TrainConfig, # the run's settings
     if cfg.finetune:  # the whole UNet trains, from fp32 master weights; mixed precision computes in half
         params, te_params = list(m.unet.requires_grad_(True).to(device, torch.float32).parameters()), []
     else:
-        kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, init=cfg.init_lora_weights, dropout=cfg.lora_dropout, use_dora=cfg.use_dora)
-        params = add_lora(m.unet, lora_config(target_modules=unet_targets(cfg.target_modules), **kw))
+        kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, init=cfg.init_lora_weights, dropout=cfg.lora_dropout,
+                  use_dora=cfg.use_dora, lora_type=cfg.lora_type)
+        params = add_lora(m.unet, adapter_config(target_modules=unet_targets(cfg.target_modules), **kw))
         te_params = add_text_encoder_lora(m, cfg.gradient_checkpointing, **kw) if cfg.train_text_encoder else []
     for p in params + te_params: p.data = p.data.float()
     if cfg.gradient_checkpointing: m.unet.enable_gradient_checkpointing()

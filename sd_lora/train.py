@@ -15,12 +15,14 @@ from tqdm.auto import tqdm
 from fastcore.imports import IN_NOTEBOOK
 from .core import quiet
 from .models import device_dtype, vae_scale_factor
-from .lora import lora_state_dict, unet_lora_state_dict
+from .lora import lora_state_dict
 from .conditioning import conditioning
 from .prior import completed
 from .config import TrainConfig, parse_args, public_config
 from diffusers.training_utils import compute_dream_and_update_latents
 from .lora import save_lora
+from .lycoris import save_lycoris, LYCORIS_FILE, is_lycoris
+from peft.utils import get_peft_model_state_dict
 from .outputs import save_outputs, save_pipeline, push_to_hub
 from .diffusion import (noisify, target_for, min_snr_weights, debiased_weights, diffusion_loss, sample_noise, latent_mask,
                                perturbed_noise, sample_timesteps, huber_c_for)
@@ -254,7 +256,7 @@ def train_loop(run: Run, # made by `setup`
 class TrainResult:
     "What a finished run returns."
     output_dir: Path # the run's folder
-    lora_path: Path # its `pytorch_lora_weights.safetensors` (a full fine-tune's: `unet/diffusion_pytorch_model.safetensors`)
+    lora_path: Path # its `pytorch_lora_weights.safetensors` (LoHa, LoKr: `lycoris_weights.safetensors`; a full fine-tune's: `unet/diffusion_pytorch_model.safetensors`)
     history: History # each optimizer step's loss, learning rate, gradient norm and time; the steps skipped
     global_step: int # optimizer steps done
     eval_loss: float|None # the final fixed-noise loss (the same on every process)
@@ -265,11 +267,12 @@ def trained_weights(unet, # the trained UNet, unwrapped
                     text_encoders: list, # the trained text encoders (their LoRA), unwrapped
                     finetune: bool, # the whole UNet trained, not a LoRA
                    ) -> dict:
-    "The trained weights on the CPU: the LoRA's in diffusers' naming (text encoders' prefixed), or the UNet's state dict."
+    "The trained weights on the CPU: the LoRA's in diffusers' naming (LoHa's, LoKr's in peft's; text encoders' prefixed), or the UNet's state dict."
     if finetune: return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
-    weights = {k: v.detach().cpu().clone() for k, v in unet_lora_state_dict(unet).items()}
+    named = get_peft_model_state_dict if is_lycoris(unet) else lora_state_dict  # diffusers names no LoHa or LoKr
+    weights = {k: v.detach().cpu().clone() for k, v in named(unet).items()}
     for name, te in zip(("text_encoder", "text_encoder_2"), text_encoders):
-        weights |= {f"{name}.{k}": v.detach().cpu().clone() for k, v in lora_state_dict(te).items()}
+        weights |= {f"{name}.{k}": v.detach().cpu().clone() for k, v in named(te).items()}
     return weights
 
 def train(cfg: TrainConfig, # the run's settings; `parse_args` makes one from command-line flags
@@ -301,13 +304,15 @@ def finish(run: Run, # a run whose loop has ended
     out, non_ema = Path(cfg.output_dir), None
     if run.ema is not None:  # keep the trained weights, then put the average in the model: the saved files get it
         if cfg.finetune: non_ema = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+        elif acc.is_main_process and cfg.lora_type != "lora": save_lycoris(out / "non_ema" / LYCORIS_FILE, unet, tes)
         elif acc.is_main_process: save_lora(out / "non_ema", unet, text_encoders=tes)
         run.ema.copy_to(run.params)
     weights = trained_weights(unet, tes, cfg.finetune)
     check_finite_weights(weights)
     facts = dict(num_processes=acc.num_processes, mixed_precision=acc.mixed_precision, global_step=run.global_step,
                  skipped_steps=h.skipped_steps)
-    path = out / ("unet/diffusion_pytorch_model.safetensors" if cfg.finetune else "pytorch_lora_weights.safetensors")
+    path = out / ("unet/diffusion_pytorch_model.safetensors" if cfg.finetune else
+                  LYCORIS_FILE if cfg.lora_type != "lora" else "pytorch_lora_weights.safetensors")
     if acc.is_main_process:
         if cfg.finetune: save_pipeline(cfg, unet, non_ema, **facts)
         else: save_outputs(cfg, unet, text_encoders=tes, **facts)

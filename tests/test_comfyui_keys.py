@@ -15,7 +15,13 @@ read as stored (the whole repository is too large to fetch, so each file is name
 - `comfy/weight_adapter/lora.py` @ 6fd406fb14ca663225b88c6f75d7a7f2b997e5a0 (and `base.py` @ 9c0cf36cd796,
   `__init__.py` @ dc05edb5b27f): the LoRA adapter reads `{x}.lora_up.weight` with `{x}.lora_down.weight` (and an
   optional `{x}.lora_mid.weight`), `load_lora` reads `{x}.alpha` and `{x}.dora_scale`; the update is
-  `mm(up.flatten(1), down.flatten(1)).reshape(weight.shape) * alpha / down.shape[0]`.
+  `mm(up.flatten(1), down.flatten(1)).reshape(weight.shape) * alpha / down.shape[0]`. `weight_decompose` reads a
+  `dora_scale` whose first side is the weight's output side as one magnitude per output row.
+- `comfy/weight_adapter/loha.py` @ 17adbb5cacc2 and `lokr.py` @ 179c2d35c84b: LoHa is claimed by `{x}.hada_w1_a` and
+  then reads `hada_w1_b`, `hada_w2_a`, `hada_w2_b` (a KeyError if one is missing) and `hada_t1`/`hada_t2` when
+  `hada_t1` is there, rebuilding `(w1a @ w1b) * (w2a @ w2b)`; LoKr reads whichever of `lokr_w1`, `lokr_w2`,
+  `lokr_w1_a`, `lokr_w1_b`, `lokr_w2_a`, `lokr_w2_b`, `lokr_t2` are present (one of w1, w2, w1_a, w2_a claims the
+  layer), rebuilding `kron(w1, w2)` with w1 unsqueezed to 4-D when w2 is; both then reshape to the weight's shape.
 - `comfy/sd1_clip_config.json` @ 3502d903940a, `comfy/text_encoders/sd2_clip_config.json` @ 194a410783c1 and
   `comfy/clip_config_bigg.json` @ b6ab6d6f9b19: ComfyUI's own text encoders (12, 24 and 32 layers).
 
@@ -32,7 +38,9 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sd_lora.conditioning import add_text_encoder_lora
-from sd_lora.lora import TARGET_PRESETS, add_lora, kohya_state_dict, lora_config, unet_targets
+from peft.tuners.lycoris_utils import LycorisLayer
+from sd_lora.lora import TARGET_PRESETS, add_lora, kohya_state_dict, unet_targets
+from sd_lora.lycoris import adapter_config, lycoris_state_dict
 from sd_lora.models import SDComponents, model_family
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,6 +95,15 @@ EXPECTED_COMFY_UNET = {"sd1": "SD15", "sd2": "SD21", "sdxl": "SDXL"}
 
 # what ComfyUI's LoRA adapter reads of a kohya LoRA (`load_lora` + `LoRAAdapter.load`); sd_lora writes the first three
 UP, DOWN, ALPHA, MID, DORA = ".lora_up.weight", ".lora_down.weight", ".alpha", ".lora_mid.weight", ".dora_scale"
+# the suffixes each of ComfyUI's adapters consumes (`LoHaAdapter.load`, `LoKrAdapter.load`), and what `load_lora`
+# reads for any adapter
+LORA_SUFFIXES = {UP, DOWN, MID}
+LOHA_REQUIRED = [".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"]
+LOHA_SUFFIXES = set(LOHA_REQUIRED) | {".hada_t1", ".hada_t2"}
+LOKR_SUFFIXES = {".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2"}
+LOKR_CLAIMS = (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a")
+COMMON_SUFFIXES = {ALPHA, DORA}
+KIND_SUFFIXES = {"lora": LORA_SUFFIXES, "dora": LORA_SUFFIXES | {DORA}, "loha": LOHA_SUFFIXES, "lokr": LOKR_SUFFIXES}
 
 # diffusers module names under each part of the UNet that `unet_to_diffusers` maps (`.weight` entries only)
 _RESNET = ["norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut"]
@@ -185,10 +202,15 @@ def not_loaded(sd: dict, accepted) -> list[str]:
     "The keys of a LoRA file that ComfyUI's `load_lora` would warn about ('lora key not loaded'), as it claims them."
     claimed = set()
     for name in {k.split(".", 1)[0] for k in sd} & set(accepted):
-        claimed |= {name + s for s in (ALPHA, DORA) if name + s in sd}
+        claimed |= {name + s for s in COMMON_SUFFIXES if name + s in sd}
         if name + UP in sd:
             assert name + DOWN in sd, f"{name}: an up weight with no down weight (ComfyUI raises a KeyError)"
             claimed |= {name + UP, name + DOWN} | ({name + MID} if name + MID in sd else set())
+        if name + ".hada_w1_a" in sd:
+            missing = [s for s in LOHA_REQUIRED if name + s not in sd]
+            assert not missing, f"{name}: a LoHa without {missing} (ComfyUI raises a KeyError)"
+            claimed |= {name + s for s in LOHA_SUFFIXES if name + s in sd}
+        if any(name + s in sd for s in LOKR_CLAIMS): claimed |= {name + s for s in LOKR_SUFFIXES if name + s in sd}
     return sorted(set(sd) - claimed)
 
 
@@ -216,8 +238,36 @@ def check_shapes(sd: dict, targets: dict[str, tuple[torch.nn.Module, float]]) ->
     return problems
 
 
-def sd_lora_file(family: str, preset: str, rank: int = 4, alpha: float = 8.0):
-    "The kohya state dict sd_lora writes for a full-size `family` model (meta device), and the layers it adapted."
+def lycoris_shape_problems(sd: dict, targets: dict[str, tuple[torch.nn.Module, float]]) -> list[str]:
+    "Problems with each LoHa/LoKr layer's tensors, as ComfyUI rebuilds and reshapes them into the layer (meta tensors)."
+    problems = []
+    for name, (module, _) in targets.items():
+        g = lambda s: sd[name + s].to("meta") if name + s in sd else None
+        w = module.weight.shape
+        try:
+            if g(".hada_w1_a") is not None:
+                diff = (g(".hada_w1_a") @ g(".hada_w1_b")) * (g(".hada_w2_a") @ g(".hada_w2_b"))
+            else:
+                w1 = g(".lokr_w1") if g(".lokr_w1") is not None else g(".lokr_w1_a") @ g(".lokr_w1_b")
+                w2 = g(".lokr_w2") if g(".lokr_w2") is not None else g(".lokr_w2_a") @ g(".lokr_w2_b")
+                diff = torch.kron(w1.unsqueeze(2).unsqueeze(2) if w2.dim() == 4 else w1, w2)
+            if diff.numel() != w.numel(): raise RuntimeError(f"{tuple(diff.shape)} for weight {tuple(w)}")
+            diff.reshape(w)
+        except (RuntimeError, TypeError) as e:
+            problems.append(f"{name}: ComfyUI's rebuild fails: {e}")
+        if name + ALPHA not in sd or sd[name + ALPHA].numel() != 1: problems.append(f"{name}: no scalar alpha")
+    return problems
+
+
+def dora_shape_problems(sd: dict, targets: dict[str, tuple[torch.nn.Module, float]]) -> list[str]:
+    "DoRA layers whose `dora_scale` ComfyUI would not read as one magnitude per output row ([out, 1] or [out, 1, 1, 1])."
+    return [f"{name}: dora_scale {tuple(sd[name + DORA].shape) if name + DORA in sd else None} for weight "
+            f"{tuple(m.weight.shape)}" for name, (m, _) in targets.items()
+            if name + DORA not in sd or tuple(sd[name + DORA].shape) != (m.weight.shape[0],) + (1,) * (m.weight.dim() - 1)]
+
+
+def sd_lora_file(family: str, preset: str, rank: int = 4, alpha: float = 8.0, kind: str = "lora"):
+    "The kohya-layout state dict sd_lora writes for a full-size `family` model (meta device), and the layers it adapted."
     unet_config, te_specs = FAMILIES[family]
     with init_empty_weights():
         unet = UNet2DConditionModel(**unet_config)
@@ -225,14 +275,16 @@ def sd_lora_file(family: str, preset: str, rank: int = 4, alpha: float = 8.0):
     assert model_family(unet) == family
     m = SDComponents(tokenizer=None, text_encoder=tes[0], vae=None, unet=unet, noise_scheduler=None,
                      text_encoder_2=tes[1] if len(tes) > 1 else None)
-    kw = dict(rank=rank, alpha=alpha)  # as run.py does: the UNet's LoRA, then the text encoders'
-    add_lora(m.unet, lora_config(target_modules=unet_targets(preset), **kw))
+    # as run.py does: the UNet's adapter, then the text encoders'
+    kw = dict(rank=rank, alpha=alpha, lora_type="lora" if kind == "dora" else kind, use_dora=kind == "dora")
+    add_lora(m.unet, adapter_config(target_modules=unet_targets(preset), **kw))
     add_text_encoder_lora(m, **kw)
-    sd = kohya_state_dict(m.unet, tes)
+    sd = lycoris_state_dict(m.unet, tes) if kind in ("loha", "lokr") else kohya_state_dict(m.unet, tes)
     prefixes = ["lora_unet_"] + (["lora_te1_", "lora_te2_"] if family == "sdxl" else ["lora_te_"])
     adapted = {kohya_name(p, n if p == "lora_unet_" else clip_path(n)): (mod.base_layer, mod.scaling["default"])
                for p, model in zip(prefixes, [unet, *tes])
-               for n, mod in model.named_modules() if hasattr(mod, "lora_A") and hasattr(mod, "base_layer")}
+               for n, mod in model.named_modules()
+               if (hasattr(mod, "lora_A") or isinstance(mod, LycorisLayer)) and hasattr(mod, "base_layer")}
     return sd, adapted
 
 
@@ -318,3 +370,46 @@ def test_the_checker_catches_names_and_shapes_comfyui_would_not_load():
     conv = "lora_unet_down_blocks_0_resnets_0_conv1"
     flat = {**sd, conv + DOWN: sd[conv + DOWN].flatten(1)}
     assert [p.split(":")[0] for p in check_shapes(flat, adapted)] == [conv]
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_comfyui_loads_every_key_of_dora_loha_and_lokr_files(family, kind):
+    "Every other format sd_lora writes, on attention, feed-forward and conv targets and the text encoders."
+    sd, adapted = sd_lora_file(family, "attention_ff_conv", kind=kind)
+    # every key ends with a suffix this kind's ComfyUI adapter consumes (or load_lora's alpha / dora_scale) ...
+    allowed = KIND_SUFFIXES[kind] | {ALPHA}
+    assert all(k.endswith(tuple(allowed)) for k in sd), [k for k in sd if not k.endswith(tuple(allowed))][:5]
+    # ... under a name ComfyUI maps to a layer of this model, so nothing is "not loaded"
+    assert not_loaded(sd, comfy_accepted(family)) == []
+    assert {k.split(".", 1)[0] for k in sd} == set(adapted)
+    assert unet_names_and_text_encoders(adapted, family)
+    if kind == "dora":
+        assert check_shapes({k: v for k, v in sd.items() if not k.endswith(DORA)}, adapted) == []
+        assert dora_shape_problems(sd, adapted) == []
+    else:
+        assert lycoris_shape_problems(sd, adapted) == []
+        convs = [n for n in adapted if n.endswith(("_conv1", "_conv2", "_conv_shortcut"))]
+        assert convs and all(any(k.startswith(n + ".") for k in sd) for n in convs)
+
+
+def unet_names_and_text_encoders(adapted, family) -> bool:
+    "The UNet layers are the conv preset's, and every text encoder has adapted layers."
+    unet_names = {n for n in adapted if n.startswith("lora_unet_")}
+    heads = ("lora_te1_", "lora_te2_") if family == "sdxl" else ("lora_te_",)
+    return (unet_names == expected_unet_targets(FAMILIES[family][0], "attention_ff_conv")
+            and all(any(n.startswith(h) for n in adapted) for h in heads))
+
+
+def test_the_checker_catches_lycoris_files_comfyui_would_not_load():
+    sd, adapted = sd_lora_file("sd1", "attention", kind="loha")
+    accepted, name = comfy_accepted("sd1"), "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert not_loaded(sd, accepted) == [] and lycoris_shape_problems(sd, adapted) == []
+    with pytest.raises(AssertionError, match="a LoHa without"):
+        not_loaded({k: v for k, v in sd.items() if k != name + ".hada_w2_b"}, accepted)
+    assert not_loaded({name + ".hada_w3": sd[name + ".hada_w1_a"]}, accepted) == [name + ".hada_w3"]
+    swapped = {**sd, name + ".hada_w1_a": sd[name + ".hada_w1_b"], name + ".hada_w1_b": sd[name + ".hada_w1_a"]}
+    assert [p.split(":")[0] for p in lycoris_shape_problems(swapped, adapted)] == [name]
+    sd, adapted = sd_lora_file("sd1", "attention", kind="dora")
+    flat = {**sd, name + DORA: sd[name + DORA].flatten()}  # peft's own [out] magnitudes: not ComfyUI's layout
+    assert [p.split(":")[0] for p in dora_shape_problems(flat, adapted)] == [name]
