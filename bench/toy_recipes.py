@@ -23,6 +23,8 @@ from sd_lora.train import train
 # label -> (where the base pictures go: "reg" beside the data, "mixed" into its folder, "none"; changes to the recipe)
 RECIPES = {
     "the recipe (--reg_data_dir, 8 + 8 a step)": ("reg", {}),
+    "the recipe, seed 1": ("reg", dict(seed=1)),
+    "the recipe, seed 2": ("reg", dict(seed=2)),
     "no base pictures": ("none", {}),
     "base pictures mixed into the folder (16 a step)": ("mixed", dict(train_batch_size=16)),
     "--prior_loss_weight 0.5": ("reg", dict(prior_loss_weight=0.5)),
@@ -42,6 +44,8 @@ RECIPES = {
     "--optimizer lion (lr 2e-4)": ("reg", dict(optimizer="lion", learning_rate=2e-4)),
     "--optimizer adamw_schedulefree": ("reg", dict(optimizer="adamw_schedulefree", lr_scheduler="constant")),
     "--use_dora": ("reg", dict(use_dora=True)),
+    "--lora_type loha": ("reg", dict(lora_type="loha")),
+    "--lora_type lokr": ("reg", dict(lora_type="lokr")),
     "--train_text_encoder": ("reg", dict(train_text_encoder=True)),
 }
 
