@@ -190,3 +190,13 @@ def test_dora_kohya_file_gives_peft_merged_weights_under_comfyuis_formula(model)
             checked += 1
     assert checked and checked == sum(k.endswith(".dora_scale") for k in sd)
     assert not any("magnitude" in k for k in sd)
+
+
+def test_the_lora_type_flag_is_in_the_help_with_its_docment():
+    import re, subprocess, sys
+    out = subprocess.run([sys.executable, "-m", "sd_lora.train", "--help"], capture_output=True, text=True, timeout=300).stdout
+    entry = re.search(r"^  --lora_type\b.*?(?=^  -)", out, re.S | re.M)
+    assert entry, out[-500:]
+    text = " ".join(entry.group(0).split())
+    assert "{lora,loha,lokr}" in text and "Kronecker" in text and "LyCORIS file" in text
+    with pytest.raises(SystemExit): parse_args(["--lora_type", "ia3"])
