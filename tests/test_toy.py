@@ -93,8 +93,8 @@ def test_texture_evaluator_tells_striped_from_plain_in_every_colour():
 
 
 def test_short_lora_learns_stripes_and_plain_prompts_stay_plain(tmp_path):
-    res = train(teach_config(texture_data(tmp_path / "data"), tmp_path / "lora", max_train_steps=200,
-                             target_modules="attention_ff_conv"))
+    res = train(teach_config(texture_data(tmp_path / "data"), tmp_path / "lora", base_data(tmp_path / "plain"),
+                             max_train_steps=200, target_modules="attention_ff_conv"))
     before, after = texture_scores(None, n=3, seed=5), texture_scores(res.lora_path, n=3, seed=5)
     # 36 striped pictures: from near 0 to most of them is far beyond sampling noise at fixed seeds
     assert after["striped"]["texture"] - before["striped"]["texture"] >= 0.5, (before, after)

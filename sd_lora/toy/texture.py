@@ -69,10 +69,10 @@ def texture_scores(lora_path: str|Path|None, # a LoRA file or folder; None score
 def texture_data(path: str|Path, # the imagefolder to write
                  texture: str="striped", # one of `TEXTURES`
                  n: int=16, # pictures of each (base colour, shape) with the texture
-                 plain_per_textured: float=1.0, # plain base pictures per textured one (0: none)
+                 plain_per_textured: float=0.0, # plain base pictures mixed into the folder per textured one (0: none; `base_data` writes them for --reg_data_dir)
                  seed: int=0, # seeds the pictures
                 ) -> Path:
-    "An imagefolder of textured pictures of the base concepts, with plain ones beside them."
+    "An imagefolder of textured pictures of the base concepts (with plain ones mixed in, if asked)."
     items = world(list(BASE_COLOURS), n, seed=seed + 3000, texture=texture)
     n_plain = round(plain_per_textured * n)
     if n_plain: items += world(list(BASE_COLOURS), n_plain, seed=seed + 4000)
