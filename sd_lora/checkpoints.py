@@ -5,6 +5,7 @@
 # %% ../nbs/04a_checkpoints.ipynb #ebc0bb7e
 from __future__ import annotations
 import errno
+import json
 import pickle
 import shutil
 import uuid
@@ -21,10 +22,11 @@ from .lora import save_lora
 from .lycoris import LYCORIS_FILE, COMPONENTS, is_lycoris, save_lycoris, set_lycoris_weights
 
 # %% auto #0
-__all__ = ['load_lora_into', 'register_lora_hooks', 'register_generator_hooks', 'checkpoints', 'folder_writer', 'any_process',
-           'disk_full', 'write_failed', 'CheckpointNotSaved', 'not_saved_message', 'save_checkpoint', 'find_checkpoint',
-           'load_checkpoint', 'share_output_dir', 'agreed_checkpoint', 'deepspeed_safe_globals',
-           'check_deepspeed_pickles', 'resume_position', 'checkpoint_trainer']
+__all__ = ['BATCHING_FILE', 'load_lora_into', 'register_lora_hooks', 'register_generator_hooks', 'checkpoints', 'folder_writer',
+           'any_process', 'disk_full', 'write_failed', 'CheckpointNotSaved', 'not_saved_message', 'save_checkpoint',
+           'find_checkpoint', 'load_checkpoint', 'share_output_dir', 'agreed_checkpoint', 'deepspeed_safe_globals',
+           'check_deepspeed_pickles', 'resume_position', 'checkpoint_trainer', 'register_batching_hooks',
+           'recorded_merge']
 
 # %% ../nbs/04a_checkpoints.ipynb #a5f09018
 def load_lora_into(unet, # a UNet (or text encoder) with a LoRA adapter named "default"
@@ -257,3 +259,21 @@ def checkpoint_trainer(ckpt: Path, # a `checkpoint-N` folder
     if (Path(ckpt) / "model.safetensors").exists(): return "sd_lora.finetune"
     if any((Path(ckpt) / f).exists() for f in ("pytorch_lora_weights.safetensors", LYCORIS_FILE)): return "sd_lora.train"
     return None
+
+# %% ../nbs/04a_checkpoints.ipynb #87bf633a
+BATCHING_FILE = "sd_lora_batching.json"
+
+def register_batching_hooks(accelerator: Accelerator, # the run's accelerator
+                            merged: bool, # whether the run merges each accumulation group into one batch
+                           ):
+    "Make `save_state` record in `BATCHING_FILE` whether the run merged its micro-batches."
+    def save_hook(models, weights, output_dir):
+        if folder_writer(accelerator): (Path(output_dir) / BATCHING_FILE).write_text(json.dumps({"merged": merged}))
+    accelerator.register_save_state_pre_hook(save_hook)
+
+def recorded_merge(ckpt: Path, # a `checkpoint-N` folder
+                  ) -> bool|None: # `None` for a checkpoint of an older sd_lora, which recorded nothing
+    "Whether the run that wrote `ckpt` merged its micro-batches."
+    path = Path(ckpt) / BATCHING_FILE
+    return json.loads(path.read_text())["merged"] if path.exists() else None
+

@@ -63,6 +63,7 @@ def choose_merge(cfg: TrainConfig, # the run's settings: accumulation, batch siz
                  free: int|None=None, # bytes free for this process (default: `free_memory` of the UNet's device)
                  autocast=contextlib.nullcontext, # the run's autocast context
                  deepspeed: bool=False, # DeepSpeed runs: its config already holds the accumulation
+                 resumed: bool|None=None, # what the checkpoint a run resumes recorded (`recorded_merge`); `None`: not resuming
                 ) -> tuple[bool, str]: # merge or not, and why in one sentence
     "Whether to train each accumulation group as one batch: when asked, or when the merged pass fits the free memory."
     k, b = cfg.gradient_accumulation_steps, cfg.train_batch_size
@@ -73,11 +74,17 @@ def choose_merge(cfg: TrainConfig, # the run's settings: accumulation, batch siz
     if deepspeed: return False, f"accumulation: {groups} accumulated, as DeepSpeed's config says (--merge_accumulation to merge)"
     if cfg.aspect_ratio_buckets:  # merged batches come from one bucket each: other batches, another number of steps
         return False, f"accumulation: {groups} accumulated, each micro-batch from its own bucket (--merge_accumulation to merge)"
+    if resumed is False:  # the resumed run accumulated: the same batches as if it had never stopped
+        return False, f"accumulation: {groups} accumulated, as in the run this one resumes (--merge_accumulation to merge)"
     trained = sum(p.numel() for p in unet.parameters() if p.requires_grad) * 4 * 3  # fp32 gradients and AdamW's two moments, still to come
     halves = 2 if cfg.with_prior_preservation or cfg.reg_data_dir else 1  # class images beside each item
     need = 2 * k * b * halves * activation_bytes(unet, cfg.resolution, vae_scale, autocast) + trained
     free = free_memory(unet.device) if free is None else free
     merge = need <= free
+    if resumed: return merge, (f"accumulation: {groups} merged into one batch, as in the run this one resumes" if merge else
+                               f"accumulation: {groups} accumulated, though the run this one resumes merged them: the merged "
+                               f"pass needs about {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free (the same "
+                               "maths, each micro-batch's noise drawn on its own: close to the run, not bit for bit)")
     return merge, (f"accumulation: {groups} {'merged into one batch' if merge else 'accumulated'}: the merged pass needs "
                    f"about {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free "
                    f"(--{'no_' if merge else ''}merge_accumulation to {'accumulate' if merge else 'merge'} anyway)")

@@ -22,7 +22,7 @@ from .lora import add_lora, unet_targets
 from .lycoris import adapter_config, check_lora_type
 from .conditioning import text_encoders, add_text_encoder_lora, caption_encoder, vae_dtype
 from .config import TrainConfig
-from .checkpoints import (register_generator_hooks, register_lora_hooks, agreed_checkpoint, load_checkpoint,
+from .checkpoints import (register_generator_hooks, register_batching_hooks, recorded_merge, register_lora_hooks, agreed_checkpoint, load_checkpoint,
                                  resume_position, checkpoint_trainer, share_output_dir, any_process)
 from .backends import make_accelerator
 from .ema import make_ema, register_ema_hooks
@@ -268,13 +268,19 @@ def setup(cfg: TrainConfig, # the run's settings
     if any_process(accelerator, problem is not None):
         raise problem or OSError("another machine's --output_dir cannot be used; its message says why")
     share_output_dir(accelerator, out)
+    ckpt = agreed_checkpoint(accelerator, out, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+    wrote, this = ckpt and checkpoint_trainer(ckpt), "sd_lora.finetune" if cfg.finetune else "sd_lora.train"
+    if wrote not in (None, this):
+        raise ValueError(f"{ckpt} was written by {wrote}, not {this}: resume it with {wrote}, or start this run "
+                         "in another --output_dir")
     drawn = class_images_drawn(cfg, accelerator)  # before the training models load: the base model draws them
     if cfg.allow_tf32: torch.backends.cuda.matmul.allow_tf32 = True
     m, params, te_params = setup_models(cfg, accelerator.device, weight_dtype(accelerator.mixed_precision))
     ema = make_ema(params + te_params, cfg) if cfg.use_ema else None  # it starts from --revision's weights
     if cfg.non_ema_revision: load_non_ema_weights(m.unet, cfg)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    merge, merge_why = choose_merge(cfg, m.unet, vae_scale_factor(m.vae), autocast=accelerator.autocast, deepspeed=deepspeed)
+    merge, merge_why = choose_merge(cfg, m.unet, vae_scale_factor(m.vae), autocast=accelerator.autocast, deepspeed=deepspeed,
+                                    resumed=ckpt and recorded_merge(ckpt))
     if any_process(accelerator, not merge) and merge:  # every process must batch alike
         merge_why = (f"accumulation: {cfg.gradient_accumulation_steps} micro-batches of {cfg.train_batch_size} "
                      "accumulated, as another process has too little memory to merge them")
@@ -305,6 +311,7 @@ def setup(cfg: TrainConfig, # the run's settings
     generator = torch.Generator(accelerator.device).manual_seed((cfg.seed or 0) + accelerator.process_index)
     if not cfg.finetune: register_lora_hooks(accelerator, unet, tes)  # else accelerate saves the whole UNet
     register_generator_hooks(accelerator, generator)
+    register_batching_hooks(accelerator, merge)
     prior_generator = None
     if prior_ds is not None:
         prior_generator = torch.Generator(accelerator.device).manual_seed((cfg.seed or 0) + PRIOR_SEED + accelerator.process_index)
@@ -316,12 +323,7 @@ def setup(cfg: TrainConfig, # the run's settings
               num_train_epochs=math.ceil(max_steps / steps_per_epoch), steps_per_epoch=steps_per_epoch, ema=ema,
               plan=[cache_plan(train_ds), merge_why, eval_plan(len(eval_ds) if eval_ds else 0)]
                    + ([prior_plan(cfg, len(prior_ds), drawn)] if prior_ds is not None else []))
-    if cfg.resume_from_checkpoint:
-        ckpt = agreed_checkpoint(accelerator, out, cfg.resume_from_checkpoint)
-        wrote, this = checkpoint_trainer(ckpt), "sd_lora.finetune" if cfg.finetune else "sd_lora.train"
-        if wrote not in (None, this):
-            raise ValueError(f"{ckpt} was written by {wrote}, not {this}: resume it with {wrote}, or start this run "
-                             "in another --output_dir")
+    if ckpt is not None:
         run.global_step = load_checkpoint(accelerator, ckpt)
         run.first_epoch, run.skip_batches = resume_position(run.global_step, steps_per_epoch,
                                                             accelerator.gradient_accumulation_steps)

@@ -124,3 +124,27 @@ def test_a_loader_worker_gets_only_the_keys_of_the_kept_latents(demo_data, tmp_p
     assert torch.equal(again["latent_mean"][0], first["latent_mean"][0])
     assert again["original_sizes"][0] == first["original_sizes"][0]
     run.accelerator.end_training()
+
+
+def test_a_resumed_run_batches_as_its_checkpoint_recorded(demo_data, tmp_path, monkeypatch):
+    """A run that had too little memory to merge, resumed where merging fits, still accumulates: the LoRA of the
+    uninterrupted run bit for bit. Forcing the merge on resume draws each group's noise in one call: another sample of
+    the same maths, close to it but not equal."""
+    import sd_lora.memory
+    from sd_lora.checkpoints import recorded_merge
+    kw = dict(train_batch_size=1, gradient_accumulation_steps=4, max_train_steps=4, checkpointing_steps=2)
+    with monkeypatch.context() as low:
+        low.setattr(sd_lora.memory, "free_memory", lambda device: 1024)
+        whole = train(tiny_config(demo_data, tmp_path / "whole", **kw))
+    assert recorded_merge(tmp_path / "whole" / "checkpoint-2") is False
+    resume = tiny_config(demo_data, tmp_path / "whole", resume_from_checkpoint="checkpoint-2", **kw)
+    run = setup(resume)  # plenty of memory now
+    assert run.accelerator.gradient_accumulation_steps == 4
+    assert run.plan[1] == "accumulation: 4 micro-batches of 1 accumulated, as in the run this one resumes (--merge_accumulation to merge)"
+    run.accelerator.end_training()
+    resumed = train(resume)
+    assert all(torch.equal(whole.lora[k], resumed.lora[k]) for k in whole.lora)
+    merged = train(tiny_config(demo_data, tmp_path / "whole", resume_from_checkpoint="checkpoint-2", merge_accumulation=True, **kw))
+    assert not all(torch.equal(whole.lora[k], merged.lora[k]) for k in whole.lora)
+    assert all(torch.allclose(whole.lora[k], merged.lora[k], atol=1e-2) for k in whole.lora)
+    assert recorded_merge(tmp_path / "whole" / "checkpoint-4") is True

@@ -1,4 +1,5 @@
 "Faults injected into runs: interruptions, NaN gradients, unwritable or full output folders, a missing model."
+import json
 import shutil
 import signal
 import sys
@@ -110,6 +111,7 @@ def test_checkpoints_hold_no_pickled_code_and_a_tampered_one_is_refused(demo_dat
     ckpt = checkpoints(out)[-1]
     for f in ckpt.iterdir():  # weights and the generator in safetensors; the rest loads without running code
         if f.suffix == ".safetensors": load_file(f)
+        elif f.suffix == ".json": json.loads(f.read_text())  # how the run batched (sd_lora_batching.json)
         else: accelerate_load(f)  # torch.load(weights_only=True), numpy arrays allowed
     assert (ckpt / "generator-0.safetensors").exists()
     marker = tmp_path / "pwned"
