@@ -135,6 +135,7 @@ def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: fl
     run = setup(cfg)
     run.max_train_steps = warmup + steps
     if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    loop_start = time.perf_counter()
     h = train_loop(run)
     if cuda: torch.cuda.synchronize()
     end = time.perf_counter()
@@ -148,9 +149,15 @@ def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: fl
     step_s = (end - h.step_times[warmup - 1]) / steps if warmup else (end - start) / steps
     merged = cfg.gradient_accumulation_steps > 1 and run.accelerator.gradient_accumulation_steps == 1
     ips = images_per_step / step_s
+    # each step's seconds, and their median per epoch: the first epoch encodes as it draws, later ones read the cache
+    durations = np.diff([loop_start, *h.step_times])
+    per_epoch = run.steps_per_epoch
+    epoch_step_s = [round(float(np.median(durations[e:e + per_epoch])), 4) for e in range(0, len(durations), per_epoch)]
     row = {"config": name, "batch": cfg.train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
            "cache": cfg.cache_latents, "merged": merged, "images_per_s": round(ips, 2),
-           "step_s": round(step_s, 4), "startup_s": round(h.step_times[0] - start, 2), "total_s": round(end - start, 2),
+           "step_s": round(step_s, 4), "epoch_step_s": epoch_step_s,
+           "startup_s": round(h.step_times[0] - start, 2), "setup_s": round(loop_start - start, 2),
+           "first_step_s": round(h.step_times[0] - loop_start, 2), "total_s": round(end - start, 2),
            "graphs": graphs,
            "mean_loss": round(sum(h.losses[warmup:]) / steps, 4),  # same seed, same batch structure: same maths?
            "peak_mem_gib": peak_mem and round(peak_mem, 2), "gflop_per_image": flops and round(flops / 1e9, 2),
@@ -256,11 +263,11 @@ def main(argv=None):
                   f"{r['optimizer_mib']} | {r['ema_mib']}{' (host)' if r['ema_offloaded'] else ''} | "
                   f"{r['activations_mib']} | {r['total_mib']} |")
         return save()
-    print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | merged | images/s | step (s) | startup (s) | total (s) | graphs | peak GiB | GFLOP/image | MFU | mean loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | merged | images/s | step (s) | step by epoch (s) | setup + first step (s) | total (s) | graphs | peak GiB | GFLOP/image | MFU | mean loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "error" in r: print(f"| {r['config']} | failed: {r['error'][:120]} | | | | | | | | | | |")
-        else: print(f"| {r['config']} | {r['batch']} x {r['accumulation']} | {r['merged']} | {r['images_per_s']} | {r['step_s']} | {r['startup_s']} | {r['total_s']} | {r['graphs']} | "
+        if "error" in r: print(f"| {r['config']} | failed: {r['error'][:120]} | | | | | | | | | | | |")
+        else: print(f"| {r['config']} | {r['batch']} x {r['accumulation']} | {r['merged']} | {r['images_per_s']} | {r['step_s']} | {', '.join(map(str, r['epoch_step_s']))} | {r['setup_s']} + {r['first_step_s']} | {r['total_s']} | {r['graphs']} | "
                     f"{r['peak_mem_gib']} | {r['gflop_per_image']} | {r['mfu']} | {r['mean_loss']} |")
     save()
 
