@@ -9,7 +9,7 @@ are not counted, so the sum is a lower bound of the peak. `python bench/bench.py
 import torch
 from sd_lora.conditioning import text_encoders
 from sd_lora.memory import saved_storages
-from sd_lora.train import training_loss
+from sd_lora.loss import training_loss
 
 
 def storage_mib(tensors, # tensors on any device, possibly views of one another

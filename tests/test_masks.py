@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from PIL import Image
+import sd_lora.loss as L
 import sd_lora.train as T
 from sd_lora.models import TINY_SDXL, load_components
 from sd_lora.train import train
@@ -50,13 +51,13 @@ def test_the_loss_has_no_gradient_where_the_mask_is_black(masked_data, monkeypat
     add_lora(m.unet, lora_config())
     ds = ImageCaptionDataset(load_image_dataset(train_data_dir=str(masked_data)), m.tokenizer, 64, True, mask_fn=MaskReader())
     batch = collate([ds[i] for i in range(2)])
-    seen, original = [], T.diffusion_loss
+    seen, original = [], L.diffusion_loss
     def spy(pred, *a, **kw):
         pred.retain_grad()
         seen.append(pred)
         return original(pred, *a, **kw)
-    monkeypatch.setattr(T, "diffusion_loss", spy)
-    T.training_loss(batch, m, m.unet, torch.Generator().manual_seed(0), cfg=T.TrainConfig(masked_loss=True)).backward()
+    monkeypatch.setattr(L, "diffusion_loss", spy)
+    L.training_loss(batch, m, m.unet, torch.Generator().manual_seed(0), cfg=L.TrainConfig(masked_loss=True)).backward()
     g, w = seen[0].grad, seen[0].shape[-1]  # the latent column at the edge is partly covered (the resize blurs it)
     assert (g[..., w // 2 + 1:] == 0).all() and (g[..., : w // 2 - 1] != 0).all()
 

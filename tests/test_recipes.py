@@ -7,6 +7,7 @@ import subprocess
 import sys
 import pytest
 import torch
+import sd_lora.loss as L
 import sd_lora.train as T
 from sd_lora.cache import LazyCache, CachedDataset
 from sd_lora.models import TINY_SDXL
@@ -29,8 +30,9 @@ def tagged_data(demo_data, tmp_path_factory):
 
 
 def spy_on(monkeypatch, name):
-    "Record what the loop passes to (or gets from) `sd_lora.train.<name>`."
-    seen, original = [], getattr(T, name)
+    "Record what the loop passes to (or gets from) `sd_lora.train.training_loss` or `sd_lora.loss.sample_timesteps`."
+    module = L if name == "sample_timesteps" else T
+    seen, original = [], getattr(module, name)
     if name == "sample_timesteps":
         def spy(*a, **kw):
             t = original(*a, **kw)
@@ -40,7 +42,7 @@ def spy_on(monkeypatch, name):
         def spy(batch, *a, **kw):
             seen.append(list(batch["captions"]))
             return original(batch, *a, **kw)
-    monkeypatch.setattr(T, name, spy)
+    monkeypatch.setattr(module, name, spy)
     return seen
 
 
