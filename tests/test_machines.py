@@ -84,6 +84,15 @@ def test_a_cpu_launch_of_several_machines_is_refused(demo_data, tmp_path):
     assert "--multi_gpu --num_machines N --machine_rank R" in refused(cmd)
 
 
+def test_fsdp2_shards_a_lora_unet_with_half_precision_frozen_weights(tmp_path):
+    """What the FSDP refusal on GPUs rests on, checked on CPU processes with torch's `fully_shard` (accelerate runs no
+    FSDP on CPUs): the mixed dtypes of a LoRA run are not the obstacle."""
+    r = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29671", str(Path(__file__).with_name("fsdp2_lora_step.py"))],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "FSDP2 against unsharded" in r.stdout
+
+
 def test_fsdp_on_cpu_is_refused_instead_of_running_ddp(demo_data, tmp_path):
     err = refused([sys.executable, "-m", "sd_lora.train", *flags(demo_data, tmp_path / "fsdp")],
                   env={**os.environ, "ACCELERATE_USE_FSDP": "true"})
