@@ -90,7 +90,7 @@ def test_every_image_mode_becomes_upright_8bit_rgb(tmp_path):
 
 
 def test_max_train_samples_beyond_the_data_set_warns_and_uses_all(demo_data, tmp_path):
-    from sd_lora.run import make_datasets
+    from sd_lora.loaders import make_datasets
     from helpers import tiny_config
     with pytest.warns(UserWarning, match="more than the data set's 12"):
         train_ds, _ = make_datasets(tiny_config(demo_data, tmp_path, max_train_samples=50), byte_clip_tokenizer())
