@@ -10,7 +10,8 @@ from collections import Counter
 import torch
 from PIL import Image
 from .core import to_tensor
-from .data import INTERPOLATIONS, ImageCaptionDataset, image_header, open_image, to_rgb, tokenize, replay, mask_tensor
+from .images import INTERPOLATIONS, to_rgb
+from .data import ImageCaptionDataset, image_header, open_image, tokenize, replay, mask_tensor
 
 # %% auto #0
 __all__ = ['make_buckets', 'nearest_bucket', 'image_size', 'fit_to_bucket', 'BucketBatchSampler', 'BucketDataset']

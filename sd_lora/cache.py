@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from PIL import Image
 from .core import to_tensor
 from .models import device_dtype
-from .data import ImageCaptionDataset, resize_shorter, crop_box, to_rgb, tokenize, image_header, mask_tensor
+from .images import resize_shorter, crop_box, to_rgb
+from .data import ImageCaptionDataset, tokenize, image_header, mask_tensor
 from .diffusion import latent_mask
 from .buckets import BucketDataset, fit_to_bucket
 

@@ -2,7 +2,8 @@
 import random
 import pytest
 from PIL import Image
-from sd_lora.data import load_image_dataset, ImageCaptionDataset, collate, preprocess_image, pick_caption
+from sd_lora.data import load_image_dataset, ImageCaptionDataset, collate, pick_caption
+from sd_lora.images import preprocess_image
 from sd_lora.models import byte_clip_tokenizer
 
 
@@ -75,7 +76,7 @@ def test_bad_interpolation_lists_the_choices():
 def test_every_image_mode_becomes_upright_8bit_rgb(tmp_path):
     import io
     import numpy as np
-    from sd_lora.data import to_rgb
+    from sd_lora.images import to_rgb
     cases = {"RGBA": Image.new("RGBA", (8, 6), (0, 0, 255, 128)), "LA": Image.new("LA", (8, 6)),
              "P": Image.new("P", (8, 6)), "CMYK": Image.new("CMYK", (8, 6)), "L": Image.new("L", (8, 6), 7),
              "I;16": Image.fromarray(np.arange(48, dtype=np.uint16).reshape(6, 8) * 1000), "1": Image.new("1", (8, 6))}
