@@ -12,7 +12,8 @@ from .data import (load_image_dataset, check_columns, drop_unreadable, drop_bad_
                           ImageCaptionDataset)
 from .config import TrainConfig
 from .buckets import BucketDataset
-from .cache import build_cache, cache_key, data_fingerprint, CachedDataset, crops_fixed, LazyCache
+from .cache import build_cache, cache_key, data_fingerprint, CachedDataset
+from .lazy_cache import crops_fixed, LazyCache
 from .conditioning import caption_encoder
 from .captions import CaptionRecipe
 from .masks import MaskReader, check_masks

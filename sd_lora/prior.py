@@ -12,7 +12,8 @@ from .config import TrainConfig
 from .models import load_pipeline
 from .data import (IMAGE_SUFFIXES, ImageCaptionDataset, collate, load_image_dataset, check_columns,
                           drop_bad_captions, drop_unreadable)
-from .cache import CachedDataset, LazyCache, collate_cached, collate_lazy
+from .cache import CachedDataset, collate_cached
+from .lazy_cache import LazyCache, collate_lazy
 from .conditioning import caption_encoder
 from .checkpoints import any_process
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from sd_lora.run import setup
 from sd_lora.train import train
-from sd_lora.cache import CachedDataset, LazyCache
+from sd_lora.cache import CachedDataset
+from sd_lora.lazy_cache import LazyCache
 from helpers import tiny_config
 
 
@@ -119,7 +120,7 @@ def test_a_loader_worker_gets_only_the_keys_of_the_kept_latents(demo_data, tmp_p
     i, flip = first["keys"][0]
     item = worker[i]
     assert "pixel_values" not in item and "latent_mean" not in item and item["flip"] == flip  # the main process adds them
-    from sd_lora.cache import collate_lazy
+    from sd_lora.lazy_cache import collate_lazy
     again = lazy.complete(collate_lazy([item]), m.vae)
     assert torch.equal(again["latent_mean"][0], first["latent_mean"][0])
     assert again["original_sizes"][0] == first["original_sizes"][0]

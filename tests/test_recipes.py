@@ -9,7 +9,8 @@ import pytest
 import torch
 import sd_lora.loss as L
 import sd_lora.train as T
-from sd_lora.cache import LazyCache, CachedDataset
+from sd_lora.cache import CachedDataset
+from sd_lora.lazy_cache import LazyCache
 from sd_lora.models import TINY_SDXL
 from sd_lora.run import setup
 from safetensors.torch import load_file

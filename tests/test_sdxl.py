@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from diffusers import StableDiffusionXLPipeline
 from sd_lora.models import TINY_SD2, TINY_SDXL, load_pipeline, resolve_model
 from sd_lora.outputs import KOHYA_FILE
-from sd_lora.cache import LazyCache
+from sd_lora.lazy_cache import LazyCache
 from sd_lora.run import setup
 from sd_lora.train import train_loop, main
 from helpers import tiny_config, read_json, full_and_resumed
