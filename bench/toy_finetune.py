@@ -6,10 +6,7 @@ pictures per prompt (fixed seeds): purple learned, each base colour and the shap
 reads the result, and the pictures beside it (the .png of the same name). Usage: `python bench/toy_finetune.py --out bench/results/toy-finetune-vs-lora.json` (about ten minutes
 on two CPU cores).
 """
-import argparse
 import json
-import os
-import sys
 import tempfile
 import time
 import matplotlib
@@ -21,6 +18,7 @@ from sd_lora.mixing import comparison_grid
 from sd_lora.toy.lora import concept_data, teach_config, lora_scores, toy_pipeline
 from sd_lora.toy.world import sample
 from sd_lora.train import train
+from sweep import sweep_arguments, write_sweep
 
 PROMPTS = ["a purple circle", "a purple square", "a purple triangle", "a red circle", "a green square",
            "a blue triangle", "a yellow circle"]
@@ -58,24 +56,14 @@ def run_recipe(root: Path, base_per_new: float, steps: int, n: int, **kw) -> tup
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--n", type=int, default=6, help="pictures per prompt for the evaluator")
-    p.add_argument("--recipes", help="labels separated by | (default: all)")
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
+    args, labels, runs = sweep_arguments(__doc__, RECIPES)  # some recipes again: the others' figures stay, not their pictures
     quiet()
-    runs, rows = {}, {"base model": [i for i, _ in sample(toy_pipeline(), PROMPTS, n=1, seed=0)]}
-    if args.recipes and Path(args.out).exists():  # a few recipes again: the others' figures stay (not their pictures)
-        runs = json.loads(Path(args.out).read_text())["runs"]
-    for label in (args.recipes.split("|") if args.recipes else RECIPES):
+    rows = {"base model": [i for i, _ in sample(toy_pipeline(), PROMPTS, n=1, seed=0)]}
+    for label in labels:
         base_per_new, kw = RECIPES[label]
         with tempfile.TemporaryDirectory() as tmp:
             runs[label], rows[label] = run_recipe(Path(tmp), base_per_new, args.steps, args.n, **kw)
         comparison_grid(rows, PROMPTS, size=1.0).savefig(Path(args.out).with_suffix(".png"), dpi=80, bbox_inches="tight")
         print(label, json.dumps(runs[label]), flush=True)
-        Path(args.out).write_text(json.dumps({
-            "what": "LoRA against full fine-tuning of the toy model on purple, same data and steps, scored on "
-                    f"{args.n} pictures per prompt (fixed seeds); 'new' is purple learned, 'base' what was kept",
-            "command": "python bench/toy_finetune.py " + " ".join(sys.argv[1:]), "cpu_threads": os.cpu_count(),
-            "runs": runs}, indent=1) + "\n")
+        write_sweep(args.out, "LoRA against full fine-tuning of the toy model on purple, same data and steps, scored on "
+                    f"{args.n} pictures per prompt (fixed seeds); 'new' is purple learned, 'base' what was kept", RECIPES, runs)

@@ -7,10 +7,7 @@ each base colour and the shapes kept, with the steps and the seconds of training
 the result. Usage: `python bench/toy_recipes.py --out bench/results/toy-recipes.json` (about fifteen minutes on two
 CPU cores); `--recipes "label|label"` reruns some rows and keeps the others.
 """
-import argparse
 import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +16,7 @@ from sd_lora.core import quiet
 from sd_lora.run import forget_accelerate_state
 from sd_lora.toy.lora import concept_data, base_data, teach_config, lora_scores
 from sd_lora.train import train
+from sweep import sweep_arguments, write_sweep
 
 # label -> (where the base pictures go: "reg" beside the data, "mixed" into its folder, "none"; changes to the recipe)
 RECIPES = {
@@ -64,26 +62,12 @@ def run_recipe(root: Path, base: str, steps: int, n: int, **kw) -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--n", type=int, default=6, help="pictures per prompt for the evaluator")
-    p.add_argument("--recipes", help="labels separated by | (default: all)")
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
+    args, labels, runs = sweep_arguments(__doc__, RECIPES)
     quiet()
-    runs = {}
-    if args.recipes and Path(args.out).exists(): runs = json.loads(Path(args.out).read_text())["runs"]
-    labels = args.recipes.split("|") if args.recipes else list(RECIPES)
-    unknown = [l for l in labels if l not in RECIPES]
-    if unknown: sys.exit(f"unknown recipes {unknown}: choose from {list(RECIPES)}")
     for label in labels:
         base, kw = RECIPES[label]
         with tempfile.TemporaryDirectory() as tmp:
             runs[label] = run_recipe(Path(tmp), base, args.steps, args.n, **kw)
         print(label, json.dumps(runs[label]), flush=True)
-        ordered = {k: runs[k] for k in RECIPES if k in runs}
-        Path(args.out).write_text(json.dumps({
-            "what": "one recipe option at a time on the toy world's purple LoRA (08b's recipe, 200 steps), scored on "
-                    f"{args.n} pictures per prompt (fixed seeds); 'new' is purple learned, 'base' what was kept",
-            "command": "python bench/toy_recipes.py " + " ".join(sys.argv[1:]), "cpu_threads": os.cpu_count(),
-            "runs": ordered}, indent=1) + "\n")
+        write_sweep(args.out, "one recipe option at a time on the toy world's purple LoRA (08b's recipe, 200 steps), scored on "
+                    f"{args.n} pictures per prompt (fixed seeds); 'new' is purple learned, 'base' what was kept", RECIPES, runs)
