@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import tempfile
 import sys
 import time
@@ -166,6 +167,12 @@ def measure(name: str, cfg: TrainConfig, warmup: int, steps: int, peak_flops: fl
     return row
 
 
+def import_seconds() -> float:
+    "Seconds a fresh Python takes to import the trainer (torch, diffusers, transformers, peft, accelerate and ours)."
+    code = "import time; t = time.perf_counter(); import sd_lora.train; print(time.perf_counter() - t)"
+    return round(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout), 2)
+
+
 def attribute_costs(cfg: TrainConfig, calls: int=20) -> dict:
     "Host milliseconds per call of the frozen models' `.device` and `.dtype` (diffusers), and of `device_dtype`."
     forget_accelerate_state()  # each configuration has its own precision
@@ -233,7 +240,7 @@ def main(argv=None):
     rows = []
     report = {"device": device, "torch": torch.__version__, "model": "tiny" if args.tiny else "sd15-architecture",
               "resolution": res, "command": "python bench/bench.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-              "results": rows}
+              "import_s": import_seconds(), "results": rows}
     def save():  # after every configuration: a run stopped by a time limit keeps what it measured
         if args.out: Path(args.out).write_text(json.dumps(report, indent=2))
     for name in names:
@@ -263,7 +270,7 @@ def main(argv=None):
                   f"{r['optimizer_mib']} | {r['ema_mib']}{' (host)' if r['ema_offloaded'] else ''} | "
                   f"{r['activations_mib']} | {r['total_mib']} |")
         return save()
-    print(f"\n{device}, {report['model']} at {res} px\n| config | batch x accum | merged | images/s | step (s) | step by epoch (s) | setup + first step (s) | total (s) | graphs | peak GiB | GFLOP/image | MFU | mean loss |")
+    print(f"\n{device}, {report['model']} at {res} px, the trainer imported in {report['import_s']} s\n| config | batch x accum | merged | images/s | step (s) | step by epoch (s) | setup + first step (s) | total (s) | graphs | peak GiB | GFLOP/image | MFU | mean loss |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r: print(f"| {r['config']} | failed: {r['error'][:120]} | | | | | | | | | | | |")

@@ -20,6 +20,7 @@ def test_bench_smoke(tmp_path):
         assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0
     assert "| documented-merged | 1 x 4 | True |" in r.stdout and "| documented-plain | 1 x 4 | False |" in r.stdout
     assert all(row["total_s"] >= row["startup_s"] > 0 for row in report["results"])
+    assert report["import_s"] > 0 and f"the trainer imported in {report['import_s']} s" in r.stdout
     for row in report["results"]:  # the time to the first step, split into setup and the first step itself
         assert abs(row["setup_s"] + row["first_step_s"] - row["startup_s"]) <= 0.02
         assert len(row["epoch_step_s"]) >= 1 and all(s > 0 for s in row["epoch_step_s"])
