@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import torch
 from accelerate import notebook_launcher
 from .config import TrainConfig
@@ -30,9 +31,11 @@ def launch_train(cfg: TrainConfig, # the run; set `cpu=True` for CPU processes
     threads = max(1, (os.cpu_count() or 1) // num_processes) if cfg.cpu else None
     logs, before = tempfile.mkdtemp(prefix="sd_lora-launch-"), tempfile.tempdir
     tempfile.tempdir = logs  # torch's elastic launcher leaves a log folder in the temp folder at every launch: ours
+    started = os.path.join(logs, "started"); os.mkdir(started)
     try:
         with contextlib.redirect_stdout(_WithoutBanner(sys.stdout)):
-            notebook_launcher(_with_threads, (fn or train, cfg, threads), num_processes=num_processes, use_port=use_port)
+            notebook_launcher(_in_process, (fn or train, cfg, threads, started), num_processes=num_processes,
+                              use_port=use_port)
     finally:
         tempfile.tempdir = before
         shutil.rmtree(logs, ignore_errors=True)
@@ -46,12 +49,26 @@ class _WithoutBanner(io.TextIOBase):
         return len(s) if banner or newline_of_banner else self.out.write(s)
     def flush(self): self.out.flush()
 
-def _with_threads(fn, cfg, threads):
+def _all_started(started: str, n: int, timeout: float=120.0):
+    # The launcher forks each process from this one, whose store thread meanwhile answers the processes already
+    # started. A fork while that thread looks a peer's address up (holding glibc's resolver lock) leaves the new
+    # process waiting for the lock forever, in its first connection. So no process connects before the last fork.
+    open(os.path.join(started, os.environ.get("LOCAL_RANK", "0")), "w").close()
+    deadline = time.monotonic() + timeout
+    while len(os.listdir(started)) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(os.listdir(started))} of {n} processes started within {timeout:.0f} s")
+        time.sleep(0.02)
+
+def _in_process(fn, cfg, threads, started):
     # CPU processes share the cores: more threads than cores makes PyTorch's waiting threads spin against each other
     if threads: torch.set_num_threads(threads)
-    try: return fn(cfg)
+    try:
+        _all_started(started, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return fn(cfg)
     except BaseException as e:  # the launcher re-raises only the first failure it sees, which may be a rank that
         # merely lost its peer; each rank says its own error, so the root cause is always shown
         sys.stderr.write(f"[rank {os.environ.get('RANK', '?')}] {type(e).__name__}: {e}\n")
         sys.stderr.flush()
         raise
+
