@@ -240,7 +240,8 @@ def main(argv=None):
     rows = []
     report = {"device": device, "torch": torch.__version__, "model": "tiny" if args.tiny else "sd15-architecture",
               "resolution": res, "command": "python bench/bench.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-              "import_s": import_seconds(), "results": rows}
+              "results": rows}
+    if not args.memory: report["import_s"] = import_seconds()  # the timings table reports it; the memory table does not
     def save():  # after every configuration: a run stopped by a time limit keeps what it measured
         if args.out: Path(args.out).write_text(json.dumps(report, indent=2))
     for name in names:

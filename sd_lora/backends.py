@@ -32,8 +32,8 @@ FSDP_ON_CPU = ("FSDP needs GPUs: through accelerate on CPU processes it would si
                "On CPUs launch with DeepSpeed ZeRO (accelerate launch --use_deepspeed, which sd_lora runs over gloo) "
                "or with DDP (accelerate launch --multi_gpu ... --cpu)")
 FSDP_NOT_YET = ("FSDP is not supported by sd_lora yet: no GPU run of it through accelerate has been tested (saving "
-                "the adapters from sharded weights, sharded checkpoints, resume). DeepSpeed ZeRO-2 (accelerate launch --use_deepspeed --zero_stage 2) shares the "
-                "optimizer state and gradients, most of what a full fine-tune needs, or use DDP (--multi_gpu)")
+                "the adapters from sharded weights, sharded checkpoints, resume). DeepSpeed ZeRO-2 (accelerate launch "
+                "--use_deepspeed --zero_stage 2) shares the optimizer state and gradients, most of what a full fine-tune needs, or use DDP (--multi_gpu)")
 
 def check_backend(cfg: TrainConfig, # the run's settings
                   backend: str, # from `launch_backend`

@@ -81,10 +81,9 @@ def choose_merge(cfg: TrainConfig, # the run's settings: accumulation, batch siz
     need = 2 * k * b * halves * activation_bytes(unet, cfg.resolution, vae_scale, autocast) + trained
     free = free_memory(unet.device) if free is None else free
     merge = need <= free
+    sizes = f"the merged pass needs about {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free"
     if resumed: return merge, (f"accumulation: {groups} merged into one batch, as in the run this one resumes" if merge else
-                               f"accumulation: {groups} accumulated, though the run this one resumes merged them: the merged "
-                               f"pass needs about {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free (the same "
-                               "maths, each micro-batch's noise drawn on its own: close to the run, not bit for bit)")
-    return merge, (f"accumulation: {groups} {'merged into one batch' if merge else 'accumulated'}: the merged pass needs "
-                   f"about {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free "
+                               f"accumulation: {groups} accumulated, though the run this one resumes merged them: {sizes} "
+                               "(the same maths, each micro-batch's noise drawn on its own: close to the run, not bit for bit)")
+    return merge, (f"accumulation: {groups} {'merged into one batch' if merge else 'accumulated'}: {sizes} "
                    f"(--{'no_' if merge else ''}merge_accumulation to {'accumulate' if merge else 'merge'} anyway)")
